@@ -1,0 +1,64 @@
+"""The ASGI application: Starlette routes wrapped by socket.io, one lifespan owning every part."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import socketio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
+
+from tuberunner.coordinator import admin_api, ingest_api, runner_api
+from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.context import Coordinator
+from tuberunner.coordinator.problems import Problem, problem_response
+
+log = logging.getLogger(__name__)
+
+
+def _routes() -> list[BaseRoute]:
+    return [*runner_api.routes, *admin_api.routes, *ingest_api.routes]
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(request, exc)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    problem = Problem(exc.detail, headers=dict(exc.headers) if exc.headers else None)
+    problem.status = exc.status_code
+    return problem_response(request, problem)
+
+
+async def _on_bug(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(request, Problem("Internal error; the coordinator keeps running"))
+
+
+def create_app(config: CoordinatorConfig) -> ASGIApp:
+    coordinator = Coordinator(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await coordinator.start()
+        try:
+            yield
+        finally:
+            await coordinator.stop()
+
+    app = Starlette(
+        routes=_routes(),
+        lifespan=lifespan,
+        exception_handlers={Problem: _on_problem, HTTPException: _on_http_exception, Exception: _on_bug},
+    )
+    app.state.coordinator = coordinator
+    asgi: ASGIApp = socketio.ASGIApp(coordinator.notifier.sio, other_asgi_app=app)
+    return asgi

@@ -1,0 +1,61 @@
+"""Coordinator settings: one frozen object, built once (CLI or tests) and passed to constructors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuberunner.protocol.jobs import JobType
+
+DEFAULT_LEASE_S = 120.0
+DEFAULT_LADDER = (1080, 720, 480, 360, 240, 144)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    data_dir: Path
+    # SQLAlchemy URL; None means SQLite (WAL) at `<data_dir>/coordinator.sqlite3`.
+    database_url: str | None = None
+    # Absolute URL runners use to reach us; put in job payloads. None: derived from the request.
+    public_url: str | None = None
+    # How long a processing or completing job lives without an accepted update.
+    lease_s: dict[JobType, float] = field(default_factory=dict)
+    default_lease_s: float = DEFAULT_LEASE_S
+    # How often the reaper looks for expired leases.
+    reaper_interval_s: float = 5.0
+    # A job whose lease expired this many times is errored instead of re-queued forever (spec §13.12).
+    max_lease_expiries: int = 5
+    max_upload_bytes: int = 20 * 1024**3
+    max_json_body_bytes: int = 500 * 1024
+    # `available-jobs` pings are coalesced over this window.
+    ping_debounce_s: float = 0.02
+    # In-memory lastContact values are written to the database this often.
+    last_contact_flush_s: float = 5.0
+    admin_token: str | None = None
+    redis_url: str | None = None
+    # Ingest defaults.
+    resolutions: tuple[int, ...] = DEFAULT_LADDER
+    hls: bool = True
+    web_video: bool = True
+    split_audio: bool = True
+
+    def lease_for(self, job_type: str) -> float:
+        try:
+            return self.lease_s.get(JobType(job_type), self.default_lease_s)
+        except ValueError:
+            return self.default_lease_s
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'coordinator.sqlite3'}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Incoming bodies are streamed here, then moved atomically where they belong."""
+        return self.data_dir / "uploads"

@@ -1,0 +1,96 @@
+"""The coordinator's parts, wired once per process and reached by handlers through the ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from starlette.requests import Request
+
+from tuberunner.coordinator.admin_auth import AdminAuth, announce_new_token
+from tuberunner.coordinator.completion import VideoCompleter
+from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.database import Database
+from tuberunner.coordinator.jobs import JobService, run_forever
+from tuberunner.coordinator.notifier import Notifier
+from tuberunner.coordinator.runners import RunnerRegistry
+from tuberunner.coordinator.storage import Storage
+from tuberunner.coordinator.videos import VideoStore
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(config.sqlalchemy_url)
+        self.storage = Storage(config.files_dir)
+        self.videos = VideoStore(self.db, self.storage)
+        self.completer = VideoCompleter(self.videos, self.storage)
+        self.jobs = JobService(
+            self.db, config, self.storage, notify_pending=self._ping, completer=self.completer
+        )
+        self.runners = RunnerRegistry(self.db, self.jobs)
+        self.notifier = Notifier(self.runners, config.ping_debounce_s, config.redis_url)
+        self.admin = AdminAuth(self.db, config.admin_token)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _ping(self) -> None:
+        self.notifier.available_jobs()
+
+    async def start(self) -> None:
+        self.config.files_dir.mkdir(parents=True, exist_ok=True)
+        self.config.uploads_dir.mkdir(parents=True, exist_ok=True)
+        # Bodies half-received when the last process died are garbage.
+        for leftover in self.config.uploads_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        await self.db.migrate()
+        created = await self.admin.ensure()
+        if created:
+            announce_new_token(created)
+        await self.runners.ensure_registration_token()
+        await self.jobs.extend_leases()
+        recovered = await self.jobs.recover_completions()
+        if recovered:
+            log.warning("redoing %d completion(s) interrupted by the last stop", recovered)
+        self._tasks = [
+            asyncio.create_task(
+                run_forever(self.config.reaper_interval_s, self.jobs.reap_expired, "lease reaper")(),
+                name="lease-reaper",
+            ),
+            asyncio.create_task(
+                run_forever(
+                    self.config.last_contact_flush_s, self.runners.flush_contacts, "lastContact flush"
+                )(),
+                name="contact-flush",
+            ),
+        ]
+        # Runners connected before a restart ask by themselves; a ping covers the others.
+        self._ping()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        await self.jobs.cancel_completions()
+        with suppress(Exception):
+            await self.runners.flush_contacts()
+        await self.notifier.close()
+        await self.db.dispose()
+
+
+def coordinator_of(request: Request) -> Coordinator:
+    coordinator: Coordinator = request.app.state.coordinator
+    return coordinator
+
+
+def base_url_of(request: Request) -> str:
+    """The absolute URL runners use to reach us (configured, or as this request reached us)."""
+    configured: str | None = coordinator_of(request).config.public_url
+    if configured:
+        return configured.rstrip("/")
+    return str(request.base_url).rstrip("/")

@@ -1,0 +1,689 @@
+"""The job state machine (spec §6) with leases, as short database transactions.
+
+Every transition is one conditional UPDATE (`... WHERE state = <expected>`), so exactly one of several
+racing calls wins on SQLite and PostgreSQL alike, and every answered call is committed before it is
+answered. Beyond PeerTube 6.3 (spec §13):
+
+* a lease (`lease_expires_at`), renewed by every accepted update, is watched for every job type and for
+  `completing`; an expired processing job is re-queued, and errored after `max_lease_expiries` so a job
+  that kills its runners cannot loop forever;
+* completion runs after the `success` answer is committed and is redone after a crash;
+* a retried `success` with the same job token is answered 204 and never completes twice;
+* children of a parent whose completion failed are not released (they become `parent errored`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.database import Database
+from tuberunner.coordinator.models import Job, JobResult, JobSpec, absolutize
+from tuberunner.coordinator.problems import BadRequest, Conflict, NotFound
+from tuberunner.coordinator.schema import jobs
+from tuberunner.coordinator.storage import Storage
+from tuberunner.protocol.errors import ErrorCode, Message
+from tuberunner.protocol.jobs import (
+    CANCELLABLE_STATES,
+    JOB_TOKEN_PREFIX,
+    MAX_AVAILABLE_JOBS,
+    MAX_FAILURES,
+    NON_ABORTABLE_TYPES,
+    JobState,
+    JobType,
+)
+
+log = logging.getLogger(__name__)
+
+# The pending view kept in memory; `jobs/request` falls back to SQL only when a type filter finds fewer
+# than 10 matches among these.
+_PENDING_CACHE_SIZE = 1000
+# How long a `success` answer waits for completion before answering anyway (completion goes on).
+SUCCESS_WAIT_S = 30.0
+
+
+class Completer(Protocol):
+    """Type-specific completion: moves result files where they belong. Must be idempotent: it is run
+    again from the start when a crash interrupted it."""
+
+    async def __call__(self, job: Job, result: JobResult) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Pending:
+    uuid: str
+    type: str
+    payload: dict[str, Any]
+
+
+def new_job_token() -> str:
+    return JOB_TOKEN_PREFIX + str(uuidlib.uuid4())
+
+
+class JobService:
+    def __init__(
+        self,
+        db: Database,
+        config: CoordinatorConfig,
+        storage: Storage,
+        *,
+        notify_pending: Callable[[], None],
+        completer: Completer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.storage = storage
+        self.notify_pending = notify_pending
+        self.completer = completer
+        self.clock = clock
+        self._pending: list[_Pending] | None = None
+        self._pending_complete = False
+        self._pending_lock = asyncio.Lock()
+        self._answers: dict[tuple[str, frozenset[str] | None], bytes] = {}
+        self._completions: dict[int, asyncio.Task[None]] = {}
+        self.lease_expiries_total = 0
+
+    # ---------------------------------------------------------------- reads
+
+    async def get(self, job_uuid: str) -> Job | None:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(jobs).where(jobs.c.uuid == job_uuid))).mappings().first()
+        return Job.from_row(row) if row else None
+
+    async def get_by_id(self, job_id: int) -> Job | None:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
+        return Job.from_row(row) if row else None
+
+    async def job_of_runner(self, job_uuid: str, runner_id: int | None, job_token: str) -> Job:
+        """The common check of spec §3.11 (step 2): this job, this token, this runner — else 404."""
+        if runner_id is None:
+            raise NotFound(Message.UNKNOWN_RUNNER_JOB)
+        async with self.db.read() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(jobs).where(
+                            jobs.c.uuid == job_uuid,
+                            jobs.c.processing_job_token == job_token,
+                            jobs.c.runner_id == runner_id,
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound(Message.UNKNOWN_RUNNER_JOB)
+        return Job.from_row(row)
+
+    async def available_jobs_body(self, base_url: str, job_types: frozenset[str] | None) -> bytes:
+        """The JSON answer of `jobs/request`, served from memory while no job changed state."""
+        key = (base_url, job_types)
+        cached = self._answers.get(key)
+        if cached is not None:
+            return cached
+        entries = await self._available(job_types)
+        body = json.dumps(
+            {
+                "availableJobs": [
+                    {"uuid": e.uuid, "type": e.type, "payload": absolutize(e.payload, base_url)}
+                    for e in entries
+                ]
+            },
+            separators=(",", ":"),
+        ).encode()
+        if self._pending is not None and len(self._answers) < 256:
+            self._answers[key] = body
+        return body
+
+    async def _available(self, job_types: frozenset[str] | None) -> list[_Pending]:
+        pending = self._pending
+        if pending is None:
+            async with self._pending_lock:
+                pending = self._pending
+                if pending is None:
+                    pending = await self._load_pending()
+        if job_types is None:
+            return pending[:MAX_AVAILABLE_JOBS]
+        chosen = [e for e in pending if e.type in job_types][:MAX_AVAILABLE_JOBS]
+        if len(chosen) == MAX_AVAILABLE_JOBS or self._pending_complete:
+            return chosen
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(jobs.c.uuid, jobs.c.type, jobs.c.payload)
+                .where(jobs.c.state == JobState.PENDING, jobs.c.type.in_(sorted(job_types)))
+                .order_by(jobs.c.priority, jobs.c.id)
+                .limit(MAX_AVAILABLE_JOBS)
+            )
+            return [_Pending(r.uuid, r.type, r.payload) for r in rows]
+
+    async def _load_pending(self) -> list[_Pending]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(jobs.c.uuid, jobs.c.type, jobs.c.payload)
+                .where(jobs.c.state == JobState.PENDING)
+                .order_by(jobs.c.priority, jobs.c.id)
+                .limit(_PENDING_CACHE_SIZE + 1)
+            )
+            pending = [_Pending(r.uuid, r.type, r.payload) for r in rows]
+        self._pending_complete = len(pending) <= _PENDING_CACHE_SIZE
+        pending = pending[:_PENDING_CACHE_SIZE]
+        self._pending = pending
+        return pending
+
+    def _changed(self, *, new_pending: bool) -> None:
+        """Call after every committed transition: drops the pending view, pings runners if needed."""
+        self._pending = None
+        self._answers.clear()
+        if new_pending:
+            self.notify_pending()
+
+    # ---------------------------------------------------------------- creation
+
+    async def create(self, video_id: int | None, specs: Sequence[JobSpec]) -> None:
+        """Create a job graph in one transaction; parents must come before their children."""
+        now = self.clock()
+        ids: dict[str, int] = {}
+        any_pending = False
+        async with self.db.write() as conn:
+            for spec in specs:
+                parent_id = ids[spec.parent_uuid] if spec.parent_uuid else None
+                state = JobState.WAITING_FOR_PARENT_JOB if parent_id else JobState.PENDING
+                any_pending |= state == JobState.PENDING
+                result = await conn.execute(
+                    insert(jobs).values(
+                        uuid=spec.uuid,
+                        type=str(spec.type),
+                        state=state,
+                        priority=spec.priority,
+                        payload=spec.payload,
+                        private_payload=spec.private_payload,
+                        failures=0,
+                        lease_expiries=0,
+                        parent_id=parent_id,
+                        video_id=video_id,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                inserted = result.inserted_primary_key
+                assert inserted is not None
+                ids[spec.uuid] = int(inserted[0])
+        self._changed(new_pending=any_pending)
+
+    # ---------------------------------------------------------------- runner transitions
+
+    async def accept(self, job: Job, runner_id: int) -> Job:
+        """PENDING → PROCESSING for exactly one caller; the others get 409 with its code."""
+        now = self.clock()
+        token = new_job_token()
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job.id, jobs.c.state == JobState.PENDING)
+                .values(
+                    state=JobState.PROCESSING,
+                    processing_job_token=token,
+                    runner_id=runner_id,
+                    started_at=now,
+                    progress=None,
+                    lease_expires_at=now + self.config.lease_for(job.type),
+                    updated_at=now,
+                )
+            )
+            if result.rowcount != 1:
+                raise Conflict(Message.JOB_NOT_PENDING_ANYMORE, code=ErrorCode.JOB_NOT_IN_PENDING_STATE)
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().one()
+        self._changed(new_pending=False)
+        return Job.from_row(row)
+
+    async def update(self, job: Job, progress: int | None) -> None:
+        """A heartbeat: renews the lease, stores progress. Never throttled, never dropped."""
+        if job.state in (JobState.COMPLETING, JobState.COMPLETED):
+            return
+        now = self.clock()
+        values: dict[str, Any] = {
+            "lease_expires_at": now + self.config.lease_for(job.type),
+            "updated_at": now,
+        }
+        if progress is not None:
+            values["progress"] = progress
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(jobs).where(*self._held(job), jobs.c.state == JobState.PROCESSING).values(**values)
+            )
+            if result.rowcount != 1:
+                await self._explain_lost(conn, job)
+
+    async def abort(self, job: Job) -> None:
+        if job.type in NON_ABORTABLE_TYPES:
+            await self._fail(job, Message.ABORT_NOT_SUPPORTED, count_failure=False, terminal=True)
+            return
+        async with self.db.write() as conn:
+            await self._requeue(conn, job, expected=JobState.PROCESSING)
+        self._changed(new_pending=True)
+
+    async def error(self, job: Job, message: str) -> None:
+        await self._fail(job, message, count_failure=True, terminal=job.type in NON_ABORTABLE_TYPES)
+
+    async def _fail(self, job: Job, message: str, *, count_failure: bool, terminal: bool) -> None:
+        failures = job.failures + (1 if count_failure else 0)
+        requeue = not terminal and failures < MAX_FAILURES
+        async with self.db.write() as conn:
+            if requeue:
+                await self._requeue(conn, job, expected=JobState.PROCESSING, failures=failures)
+            else:
+                await self._end_with_error(conn, job, message, failures=failures, held=True)
+        self._changed(new_pending=requeue)
+
+    async def success(self, job: Job, result: JobResult) -> None:
+        """PROCESSING → COMPLETING (committed), then completion; waits for it up to SUCCESS_WAIT_S."""
+        now = self.clock()
+        async with self.db.write() as conn:
+            updated = await conn.execute(
+                update(jobs)
+                .where(*self._held(job), jobs.c.state == JobState.PROCESSING)
+                .values(
+                    state=JobState.COMPLETING,
+                    result=result.as_json(),
+                    progress=100,
+                    lease_expires_at=now + self.config.lease_for(job.type),
+                    updated_at=now,
+                )
+            )
+            if updated.rowcount != 1:
+                await self._explain_lost(conn, job)
+        task = self._start_completion(job.id)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), SUCCESS_WAIT_S)
+        except TimeoutError:
+            log.warning(
+                "completion of job %s takes longer than %.0f s; answering now", job.uuid, SUCCESS_WAIT_S
+            )
+
+    def is_retried_success(self, job: Job) -> bool:
+        """A `success` whose earlier attempt got through: same token, already past PROCESSING."""
+        return job.result is not None and job.state in (
+            JobState.COMPLETING,
+            JobState.COMPLETED,
+            JobState.ERRORED,
+        )
+
+    # ---------------------------------------------------------------- completion
+
+    def _start_completion(self, job_id: int) -> asyncio.Task[None]:
+        task = self._completions.get(job_id)
+        if task is None or task.done():
+            task = asyncio.create_task(self._complete(job_id), name=f"complete-job-{job_id}")
+            self._completions[job_id] = task
+            task.add_done_callback(lambda t: self._completions.pop(job_id, None))
+        return task
+
+    async def _complete(self, job_id: int) -> None:
+        job = await self.get_by_id(job_id)
+        if job is None or job.state != JobState.COMPLETING or job.result is None:
+            return
+        error: str | None = None
+        try:
+            await self.completer(job, JobResult.from_json(job.result))
+        except asyncio.CancelledError:
+            raise  # shutdown: the job stays COMPLETING and is completed again at the next start
+        except Exception as exc:
+            log.exception("completion of job %s failed", job.uuid)
+            error = f"Completion failed: {exc}"[:5000] or "Completion failed"
+        now = self.clock()
+        async with self.db.write() as conn:
+            if error is None:
+                done = await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job.id, jobs.c.state == JobState.COMPLETING)
+                    .values(
+                        state=JobState.COMPLETED,
+                        progress=None,
+                        finished_at=now,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                )
+                released = 0
+                if done.rowcount == 1:
+                    children = await conn.execute(
+                        update(jobs)
+                        .where(jobs.c.parent_id == job.id, jobs.c.state == JobState.WAITING_FOR_PARENT_JOB)
+                        .values(state=JobState.PENDING, updated_at=now)
+                    )
+                    released = children.rowcount
+            else:
+                await self._end_with_error(conn, job, error, failures=job.failures, held=False)
+                released = 0
+        self.storage.remove_tree(self.storage.results_of(job.uuid))
+        self._changed(new_pending=released > 0)
+
+    async def recover_completions(self) -> int:
+        """At start-up: redo every completion a crash interrupted."""
+        async with self.db.read() as conn:
+            ids = (await conn.execute(select(jobs.c.id).where(jobs.c.state == JobState.COMPLETING))).scalars()
+            job_ids = list(ids)
+        for job_id in job_ids:
+            self._start_completion(job_id)
+        return len(job_ids)
+
+    async def wait_completions(self) -> None:
+        while self._completions:
+            await asyncio.gather(*self._completions.values(), return_exceptions=True)
+
+    async def cancel_completions(self) -> None:
+        tasks = list(self._completions.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- leases
+
+    async def extend_leases(self) -> None:
+        """At start-up: runners could not reach us while we were down; give held jobs a full lease."""
+        now = self.clock()
+        async with self.db.write() as conn:
+            for job_type in JobType:
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.state == JobState.PROCESSING, jobs.c.type == str(job_type))
+                    .values(lease_expires_at=now + self.config.lease_for(job_type))
+                )
+
+    async def reap_expired(self) -> int:
+        """Take back every processing job whose lease expired; restart lost completions."""
+        now = self.clock()
+        async with self.db.read() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        select(jobs).where(
+                            jobs.c.state.in_([JobState.PROCESSING, JobState.COMPLETING]),
+                            jobs.c.lease_expires_at < now,
+                        )
+                    )
+                )
+                .mappings()
+                .all()
+            )
+        expired = [Job.from_row(r) for r in rows]
+        requeued = 0
+        for job in expired:
+            if job.state == JobState.COMPLETING:
+                if job.id not in self._completions:
+                    log.warning("completion of job %s was lost; running it again", job.uuid)
+                    async with self.db.write() as conn:
+                        await conn.execute(
+                            update(jobs)
+                            .where(jobs.c.id == job.id, jobs.c.state == JobState.COMPLETING)
+                            .values(lease_expires_at=now + self.config.lease_for(job.type))
+                        )
+                    self._start_completion(job.id)
+                continue
+            expiries = job.lease_expiries + 1
+            # A heartbeat may have renewed the lease since the read above: then nothing happens.
+            still_expired = (jobs.c.lease_expires_at < now,)
+            async with self.db.write() as conn:
+                if job.type in NON_ABORTABLE_TYPES:
+                    taken = await self._end_with_error(
+                        conn,
+                        job,
+                        Message.STALLED_JOB,
+                        failures=job.failures,
+                        held=True,
+                        only_if=still_expired,
+                    )
+                elif expiries >= self.config.max_lease_expiries:
+                    message = f"Job lease expired {expiries} times: no runner could finish it"
+                    taken = await self._end_with_error(
+                        conn,
+                        job,
+                        message,
+                        failures=job.failures,
+                        held=True,
+                        lease_expiries=expiries,
+                        only_if=still_expired,
+                    )
+                else:
+                    taken = await self._requeue(
+                        conn,
+                        job,
+                        expected=JobState.PROCESSING,
+                        lease_expiries=expiries,
+                        only_if=still_expired,
+                    )
+                    requeued += taken
+            if taken:
+                log.warning(
+                    "lease of job %s (%s) expired (%d time(s)); taken back", job.uuid, job.type, expiries
+                )
+                self.lease_expiries_total += 1
+        if expired:
+            self._changed(new_pending=requeued > 0)
+        return len(expired)
+
+    # ---------------------------------------------------------------- admin transitions
+
+    async def cancel(self, job: Job) -> None:
+        if job.state not in CANCELLABLE_STATES:
+            raise BadRequest(Message.CANNOT_CANCEL)
+        now = self.clock()
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job.id, jobs.c.state.in_(list(CANCELLABLE_STATES)))
+                .values(
+                    state=JobState.CANCELLED,
+                    processing_job_token=None,
+                    lease_expires_at=None,
+                    progress=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            if result.rowcount != 1:
+                raise BadRequest(Message.CANNOT_CANCEL)
+            await self._mark_descendants(conn, [job.id], JobState.PARENT_CANCELLED, None, now)
+        self._changed(new_pending=False)
+
+    async def delete(self, job: Job) -> None:
+        """Cancel if cancellable, then delete the job and (by cascade) its descendants."""
+        if job.state in CANCELLABLE_STATES:
+            try:
+                await self.cancel(job)
+            except BadRequest:
+                pass  # changed state meanwhile: delete it anyway
+        async with self.db.write() as conn:
+            await conn.execute(delete(jobs).where(jobs.c.id == job.id))
+        self.storage.remove_tree(self.storage.results_of(job.uuid))
+        self._changed(new_pending=False)
+
+    async def requeue_runner_jobs(self, conn: AsyncConnection, runner_ids: Iterable[int]) -> int:
+        """Give back the processing jobs of runners about to be deleted (inside the caller's transaction)."""
+        ids = list(runner_ids)
+        if not ids:
+            return 0
+        rows = (
+            (
+                await conn.execute(
+                    select(jobs).where(jobs.c.runner_id.in_(ids), jobs.c.state == JobState.PROCESSING)
+                )
+            )
+            .mappings()
+            .all()
+        )
+        count = 0
+        for row in rows:
+            job = Job.from_row(row)
+            if job.type in NON_ABORTABLE_TYPES:
+                await self._end_with_error(
+                    conn,
+                    job,
+                    "Runner was removed",
+                    failures=job.failures,
+                    held=True,
+                    only_if=(jobs.c.runner_id.in_(ids),),
+                )
+            elif await self._requeue(
+                conn, job, expected=JobState.PROCESSING, only_if=(jobs.c.runner_id.in_(ids),)
+            ):
+                count += 1
+        return count
+
+    def runners_removed(self, requeued: int) -> None:
+        self._changed(new_pending=requeued > 0)
+
+    # ---------------------------------------------------------------- helpers (inside a transaction)
+
+    @staticmethod
+    def _held(job: Job) -> tuple[Any, ...]:
+        return (jobs.c.id == job.id, jobs.c.processing_job_token == job.processing_job_token)
+
+    async def _requeue(
+        self,
+        conn: AsyncConnection,
+        job: Job,
+        *,
+        expected: JobState,
+        failures: int | None = None,
+        lease_expiries: int | None = None,
+        only_if: tuple[Any, ...] = (),
+    ) -> bool:
+        """Back to PENDING. With `only_if` (the reaper) a job that changed meanwhile is left alone;
+        otherwise the caller is told why it lost (404 / 400)."""
+        values: dict[str, Any] = {
+            "state": JobState.PENDING,
+            "processing_job_token": None,
+            "runner_id": None,
+            "progress": None,
+            "started_at": None,
+            "lease_expires_at": None,
+            "updated_at": self.clock(),
+        }
+        if failures is not None:
+            values["failures"] = failures
+        if lease_expiries is not None:
+            values["lease_expiries"] = lease_expiries
+        result = await conn.execute(
+            update(jobs).where(*self._held(job), jobs.c.state == expected, *only_if).values(**values)
+        )
+        if result.rowcount == 1:
+            return True
+        if not only_if:
+            await self._explain_lost(conn, job)
+        return False
+
+    async def _end_with_error(
+        self,
+        conn: AsyncConnection,
+        job: Job,
+        message: str,
+        *,
+        failures: int,
+        held: bool,
+        lease_expiries: int | None = None,
+        only_if: tuple[Any, ...] = (),
+    ) -> bool:
+        now = self.clock()
+        values: dict[str, Any] = {
+            "state": JobState.ERRORED,
+            "failures": failures,
+            "error": message[:5000],
+            "progress": None,
+            "lease_expires_at": None,
+            "finished_at": now,
+            "updated_at": now,
+        }
+        if held:
+            # A failed completion keeps its token so that a retried `success` is still recognised.
+            values["processing_job_token"] = None
+            condition = and_(*self._held(job), jobs.c.state == JobState.PROCESSING)
+        else:
+            condition = and_(jobs.c.id == job.id, jobs.c.state == JobState.COMPLETING)
+        if lease_expiries is not None:
+            values["lease_expiries"] = lease_expiries
+        result = await conn.execute(update(jobs).where(condition, *only_if).values(**values))
+        if result.rowcount != 1:
+            if only_if:
+                return False
+            await self._explain_lost(conn, job)
+        await self._mark_descendants(conn, [job.id], JobState.PARENT_ERRORED, Message.PARENT_ERROR, now)
+        return True
+
+    async def _mark_descendants(
+        self, conn: AsyncConnection, parent_ids: list[int], state: JobState, error: str | None, now: float
+    ) -> None:
+        frontier = parent_ids
+        while frontier:
+            children = list(
+                (
+                    await conn.execute(
+                        select(jobs.c.id).where(
+                            jobs.c.parent_id.in_(frontier),
+                            jobs.c.state.notin_([s.value for s in JobState if s.is_final]),
+                        )
+                    )
+                ).scalars()
+            )
+            if children:
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(children))
+                    .values(
+                        state=state,
+                        error=error,
+                        processing_job_token=None,
+                        lease_expires_at=None,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                )
+            frontier = children
+
+    async def _explain_lost(self, conn: AsyncConnection, job: Job) -> None:
+        """A conditional UPDATE matched nothing: another call changed the job first. Answer as if this
+        call had come second (spec §3.11): the token is gone → 404, the state moved on → 400 + code."""
+        row = (
+            (await conn.execute(select(jobs.c.state, jobs.c.processing_job_token).where(jobs.c.id == job.id)))
+            .mappings()
+            .first()
+        )
+        if row is None or row["processing_job_token"] != job.processing_job_token:
+            raise NotFound(Message.UNKNOWN_RUNNER_JOB)
+        raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
+
+
+def run_forever(
+    interval_s: float, step: Callable[[], Awaitable[object]], name: str
+) -> Callable[[], Awaitable[None]]:
+    """A periodic loop that logs and survives any failure of one step."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; trying again in %.1f s", name, interval_s)
+
+    return loop
+
+
+def random_token(prefix: str) -> str:
+    return prefix + str(uuidlib.UUID(bytes=secrets.token_bytes(16), version=4))

@@ -1,0 +1,79 @@
+"""The `/runners` socket.io namespace: token check on connect, coalesced `available-jobs` pings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import socketio
+
+from tuberunner.coordinator.runners import RunnerRegistry
+from tuberunner.protocol.errors import Message
+
+log = logging.getLogger(__name__)
+NAMESPACE = "/runners"
+
+
+class RunnersNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    def __init__(self, registry: RunnerRegistry) -> None:
+        super().__init__(NAMESPACE)
+        self.registry = registry
+        self.runner_of_sid: dict[str, int] = {}
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        token = auth.get("runnerToken") if isinstance(auth, dict) else None
+        if token is None:
+            raise socketio.exceptions.ConnectionRefusedError(Message.NO_SOCKET_TOKEN)
+        if not isinstance(token, str):
+            raise socketio.exceptions.ConnectionRefusedError(Message.SOCKET_TOKEN_NOT_STRING)
+        runner = await self.registry.by_token(token)
+        if runner is None:
+            raise socketio.exceptions.ConnectionRefusedError(Message.SOCKET_TOKEN_UNKNOWN)
+        scope = environ.get("asgi.scope", {})
+        client = scope.get("client") or (None,)
+        self.registry.touch(runner.runner.id, client[0])
+        self.runner_of_sid[sid] = runner.runner.id
+
+    async def on_disconnect(self, sid: str, *_: Any) -> None:
+        self.runner_of_sid.pop(sid, None)
+
+
+class Notifier:
+    """Pings every connected runner when jobs become pending; bursts of triggers become one ping."""
+
+    def __init__(self, registry: RunnerRegistry, debounce_s: float, redis_url: str | None = None) -> None:
+        manager = socketio.AsyncRedisManager(redis_url) if redis_url else None
+        self.sio = socketio.AsyncServer(
+            async_mode="asgi", client_manager=manager, cors_allowed_origins="*", logger=False
+        )
+        self.namespace = RunnersNamespace(registry)
+        self.sio.register_namespace(self.namespace)
+        self.debounce_s = debounce_s
+        self._scheduled: asyncio.Task[None] | None = None
+        self.pings_sent = 0
+
+    def available_jobs(self) -> None:
+        if self._scheduled is not None and not self._scheduled.done():
+            return
+        self._scheduled = asyncio.get_running_loop().create_task(
+            self._emit_later(), name="available-jobs-ping"
+        )
+
+    async def _emit_later(self) -> None:
+        await asyncio.sleep(self.debounce_s)
+        try:
+            await self.sio.emit("available-jobs", namespace=NAMESPACE)
+            self.pings_sent += 1
+        except Exception:
+            log.exception("could not send the available-jobs ping")
+
+    async def disconnect_runners(self, runner_ids: set[int]) -> None:
+        """Close sockets of removed runners: their next connection attempt learns the token is gone."""
+        for sid, rid in list(self.namespace.runner_of_sid.items()):
+            if rid in runner_ids:
+                await self.sio.disconnect(sid, namespace=NAMESPACE)
+
+    async def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()

@@ -1,0 +1,101 @@
+"""Every error the coordinator answers with, and the one place that turns them into problem documents.
+
+    Problem                         any answer with a status >= 400 (spec §2.3)
+    ├── BadRequest (400)            `Incorrect request parameters: <fields>` with `invalid-params`
+    ├── NotFound (404)
+    ├── Conflict (409)
+    ├── Unauthorized (401) / Forbidden (403)   admin endpoints only
+    └── PayloadTooLarge (413)
+
+Handlers raise these; `problem_response` renders them. Anything else that escapes a handler is our bug:
+it is logged and answered with a 500 problem document by the outermost middleware, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from tuberunner.protocol.errors import PROBLEM_TYPE_BASE, ErrorCode, Message
+
+
+class Problem(Exception):
+    status = 500
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: ErrorCode | None = None,
+        invalid_params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code
+        self.invalid_params = invalid_params
+        self.headers = headers
+
+
+class BadRequest(Problem):
+    status = 400
+
+
+class Unauthorized(Problem):
+    status = 401
+
+
+class Forbidden(Problem):
+    status = 403
+
+
+class NotFound(Problem):
+    status = 404
+
+
+class Conflict(Problem):
+    status = 409
+
+
+class PayloadTooLarge(Problem):
+    status = 413
+
+
+class UnsupportedMediaType(Problem):
+    status = 415
+
+
+def invalid_params(fields: Iterable[str], reasons: dict[str, str] | None = None) -> BadRequest:
+    """PeerTube's generic validation failure: the names of the bad fields, comma separated."""
+    names = list(dict.fromkeys(fields))
+    reasons = reasons or {}
+    return BadRequest(
+        Message.INCORRECT_PARAMS + ", ".join(names),
+        invalid_params={name: reasons.get(name, "Invalid value") for name in names},
+    )
+
+
+def problem_response(request: Request | None, problem: Problem) -> JSONResponse:
+    body: dict[str, Any] = {
+        "status": problem.status,
+        "detail": problem.detail,
+        "error": problem.detail,
+    }
+    if problem.code is not None:
+        body["code"] = str(problem.code)
+        body["type"] = PROBLEM_TYPE_BASE + str(problem.code)
+    else:
+        body["type"] = "about:blank"
+    if problem.invalid_params is not None:
+        body["invalid-params"] = {
+            name: {"msg": reason, "path": name, "location": "body"}
+            for name, reason in problem.invalid_params.items()
+        }
+        if request is not None:
+            body["instance"] = str(request.url.path)
+    return JSONResponse(
+        body, status_code=problem.status, media_type="application/problem+json", headers=problem.headers
+    )

@@ -1,0 +1,343 @@
+"""Runner-facing endpoints (spec §3): paths, checks in PeerTube's order, exact answers."""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tuberunner.coordinator.bodies import Body, UploadedFile, read_body
+from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
+from tuberunner.coordinator.file_responses import file_response
+from tuberunner.coordinator.models import Job, JobResult
+from tuberunner.coordinator.problems import BadRequest, Conflict, Forbidden, NotFound, invalid_params
+from tuberunner.coordinator.runners import RunnerAuth
+from tuberunner.protocol.errors import ErrorCode, Message
+from tuberunner.protocol.jobs import (
+    REQUIRED_SUCCESS_FILES,
+    SUCCESS_FILE_FIELDS,
+    UPDATE_FILE_FIELDS,
+    JobState,
+    JobType,
+)
+
+_SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_TASK_FILENAME = re.compile(r"^[a-z0-9-]+\.[a-z0-9]{1,8}$")
+_NO_CONTENT = 204
+# Extension of a stored result, by field: never taken from the client's file name.
+_RESULT_SUFFIX = {
+    "videoFile": ".mp4",
+    "resolutionPlaylistFile": ".m3u8",
+    "vttFile": ".vtt",
+    "storyboardFile": ".jpg",
+}
+
+
+def _string(fields: Mapping[str, Any], name: str, max_len: int, *, required: bool = True) -> str | None:
+    """PeerTube's `isSafe…` checks: a string of 1..max_len characters (or absent when optional)."""
+    value = fields.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
+        raise invalid_params([name])
+    return value
+
+
+def _check_strings(fields: Mapping[str, Any], *names: str) -> list[str]:
+    bad = [n for n in names if not (isinstance(fields.get(n), str) and 1 <= len(fields[n]) <= 1000)]
+    if bad:
+        raise invalid_params(bad)
+    return [fields[n] for n in names]
+
+
+def _job_uuid(request: Request) -> str:
+    value = request.path_params["job_uuid"]
+    try:
+        uuidlib.UUID(value)
+    except ValueError:
+        raise invalid_params(["jobUUID"]) from None
+    return str(value)
+
+
+def _client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _body(request: Request, file_fields: frozenset[str] = frozenset()) -> AbstractAsyncContextManager[Body]:
+    c = coordinator_of(request)
+    return read_body(
+        request,
+        uploads_dir=c.config.uploads_dir,
+        max_json_bytes=c.config.max_json_body_bytes,
+        max_upload_bytes=c.config.max_upload_bytes,
+        file_fields=file_fields,
+    )
+
+
+async def _runner(c: Coordinator, token: str, request: Request) -> RunnerAuth:
+    auth = await c.runners.by_token(token)
+    if auth is None:
+        raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN)
+    c.runners.touch(auth.runner.id, _client_ip(request))
+    return auth
+
+
+async def _job_of_runner(c: Coordinator, request: Request, body: Body, allowed: frozenset[JobState]) -> Job:
+    """Spec §3.11: parameters, then this job with this token of this runner (404), then its state."""
+    job_uuid = _job_uuid(request)
+    runner_token, job_token = _check_strings(body.fields, "runnerToken", "jobToken")
+    auth = await c.runners.by_token(runner_token)
+    job = await c.jobs.job_of_runner(job_uuid, auth.runner.id if auth else None, job_token)
+    if job.state not in allowed:
+        raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
+    if auth is not None:
+        c.runners.touch(auth.runner.id, _client_ip(request))
+    return job
+
+
+_PROCESSING = frozenset({JobState.PROCESSING})
+
+
+async def register(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        f = body.fields
+        bad = []
+        if not (isinstance(f.get("registrationToken"), str) and 1 <= len(f["registrationToken"]) <= 1000):
+            bad.append("registrationToken")
+        if not (isinstance(f.get("name"), str) and 1 <= len(f["name"]) <= 100):
+            bad.append("name")
+        if (
+            "description" in f
+            and f["description"] is not None
+            and not (isinstance(f["description"], str) and 1 <= len(f["description"]) <= 1000)
+        ):
+            bad.append("description")
+        version = f.get("version")
+        if version is not None and not (
+            isinstance(version, str) and len(version) <= 100 and _SEMVER.match(version)
+        ):
+            bad.append("version")
+        if bad:
+            raise invalid_params(bad)
+        runner_id, token = await c.runners.register(
+            f["registrationToken"], f["name"], f.get("description"), version, _client_ip(request)
+        )
+    return JSONResponse({"id": runner_id, "runnerToken": token})
+
+
+async def unregister(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        token = _string(body.fields, "runnerToken", 1000)
+        assert token is not None
+        auth = await c.runners.by_token(token)
+        if auth is None:
+            raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN)
+        await c.runners.remove([auth.runner.id])
+    return Response(status_code=_NO_CONTENT)
+
+
+async def request_jobs(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        f = body.fields
+        token = _string(f, "runnerToken", 1000)
+        assert token is not None
+        job_types = f.get("jobTypes")
+        if job_types is not None and not (
+            isinstance(job_types, list) and all(isinstance(t, str) for t in job_types)
+        ):
+            raise invalid_params(["jobTypes"])
+        version = f.get("version")
+        if version is not None and not (isinstance(version, str) and 1 <= len(version) <= 100):
+            raise invalid_params(["version"])
+        auth = await _runner(c, token, request)
+        if version is not None and version != auth.version:
+            await c.runners.set_version(auth, version)
+    types = frozenset(job_types) if job_types is not None else None
+    answer = await c.jobs.available_jobs_body(base_url_of(request), types)
+    return Response(answer, media_type="application/json")
+
+
+async def accept(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        job_uuid = _job_uuid(request)
+        job = await c.jobs.get(job_uuid)
+        if job is None:
+            raise NotFound(Message.UNKNOWN_RUNNER_JOB)
+        if job.state != JobState.PENDING:
+            # Taken by another runner: that is a lost race, always 409 with its code. Other states
+            # answer PeerTube's 400, with the code too so that clients branching on codes ignore it.
+            if job.state in (JobState.PROCESSING, JobState.COMPLETING):
+                raise Conflict(Message.JOB_NOT_PENDING_ANYMORE, code=ErrorCode.JOB_NOT_IN_PENDING_STATE)
+            raise BadRequest(Message.JOB_NOT_PENDING, code=ErrorCode.JOB_NOT_IN_PENDING_STATE)
+        token = _string(body.fields, "runnerToken", 1000)
+        assert token is not None
+        auth = await _runner(c, token, request)
+        accepted = await c.jobs.accept(job, auth.runner.id)
+    job_json = accepted.as_json(base_url_of(request), auth.runner)
+    job_json["jobToken"] = accepted.processing_job_token
+    return JSONResponse({"job": job_json})
+
+
+async def abort(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        job = await _job_of_runner(c, request, body, _PROCESSING)
+        _string(body.fields, "reason", 5000)
+        await c.jobs.abort(job)
+    return Response(status_code=_NO_CONTENT)
+
+
+async def error(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        job = await _job_of_runner(c, request, body, _PROCESSING)
+        message = _string(body.fields, "message", 5000)
+        assert message is not None
+        await c.jobs.error(job, message)
+    return Response(status_code=_NO_CONTENT)
+
+
+def _progress(fields: Mapping[str, Any]) -> int | None:
+    if "progress" not in fields:
+        return None
+    value = fields["progress"]
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise invalid_params(["progress"])
+    return value
+
+
+async def update_job(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request, UPDATE_FILE_FIELDS) as body:
+        job = await _job_of_runner(
+            c, request, body, frozenset({JobState.PROCESSING, JobState.COMPLETING, JobState.COMPLETED})
+        )
+        progress = _progress(body.fields)
+        payload = body.fields.get("payload")
+        if job.type != JobType.LIVE_RTMP_HLS and (payload not in (None, {}, "") or body.files):
+            raise BadRequest(Message.PAYLOAD_INVALID)
+        if job.type == JobType.LIVE_RTMP_HLS:
+            # Live jobs are not created by this coordinator yet; nothing can hold one.
+            raise BadRequest(Message.PAYLOAD_INVALID)
+        await c.jobs.update(job, progress)
+    return Response(status_code=_NO_CONTENT)
+
+
+async def success(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request, SUCCESS_FILE_FIELDS) as body:
+        job_uuid = _job_uuid(request)
+        runner_token, job_token = _check_strings(body.fields, "runnerToken", "jobToken")
+        auth = await c.runners.by_token(runner_token)
+        job = await c.jobs.job_of_runner(job_uuid, auth.runner.id if auth else None, job_token)
+        if auth is not None:
+            c.runners.touch(auth.runner.id, _client_ip(request))
+        if c.jobs.is_retried_success(job):
+            return Response(status_code=_NO_CONTENT)
+        if job.state != JobState.PROCESSING:
+            raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
+        result = _store_result(c, job, body)
+        await c.jobs.success(job, result)
+    return Response(status_code=_NO_CONTENT)
+
+
+def _store_result(c: Coordinator, job: Job, body: Body) -> JobResult:
+    payload = body.fields.get("payload")
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise BadRequest(Message.PAYLOAD_INVALID)
+    files_by_name: dict[str, UploadedFile] = {}
+    for field_name, upload in body.files.items():
+        files_by_name[field_name[len("payload[") : -1]] = upload
+    required = REQUIRED_SUCCESS_FILES[job.type]
+    if any(name not in files_by_name for name in required) or set(files_by_name) - set(required):
+        raise BadRequest(Message.PAYLOAD_INVALID)
+    if job.type == JobType.TRANSCRIPTION:
+        language = payload.get("inputLanguage")
+        if language is not None and not (isinstance(language, str) and 1 <= len(language) <= 100):
+            raise BadRequest(Message.PAYLOAD_INVALID)
+    fields = {k: v for k, v in payload.items() if isinstance(v, str | int | float | bool)}
+    result_dir: Path = c.storage.new_result_dir(job.uuid)
+    stored: dict[str, str] = {}
+    for name, upload in files_by_name.items():
+        dest = result_dir / f"{name}{_RESULT_SUFFIX.get(name, '.bin')}"
+        upload.move_to(dest)
+        stored[name] = c.storage.relative(dest)
+    return JobResult(files=stored, fields=fields)
+
+
+async def download(request: Request) -> Response:
+    c = coordinator_of(request)
+    async with _body(request) as body:
+        job = await _job_of_runner(c, request, body, _PROCESSING)
+    video_id = request.path_params["video_id"]
+    if not (
+        isinstance(video_id, str) and 1 <= len(video_id) <= 100 and re.fullmatch(r"[0-9a-zA-Z-]+", video_id)
+    ):
+        raise invalid_params(["videoId"])
+    video = await c.videos.by_uuid(video_id)
+    if video is None:
+        raise NotFound(Message.VIDEO_NOT_FOUND)
+    if job.private_payload.get("videoUUID") != video.uuid:
+        raise Forbidden(Message.JOB_NOT_OF_VIDEO)
+    which = _kind_of(request)
+    if which == "task-file":
+        filename = request.path_params["filename"]
+        if not _TASK_FILENAME.match(filename):
+            raise invalid_params(["filename"])
+        task_urls = [
+            str(task.get("options", {}).get("file", ""))
+            for task in job.payload.get("tasks", [])
+            if isinstance(task, dict)
+        ]
+        if not any(url.rsplit("/", 1)[-1] == filename for url in task_urls):
+            raise BadRequest(Message.FILE_NOT_OF_TASK)
+        file = await c.videos.task_file(video.id, filename)
+    else:
+        file = await c.videos.input_file(video.id, which)
+    if file is None:
+        raise NotFound(Message.VIDEO_NOT_FOUND)
+    return file_response(c.storage.resolve(file.path), request.headers.get("range"))
+
+
+def _kind_of(request: Request) -> str:
+    path = request.url.path
+    if path.endswith("/max-quality/audio"):
+        return "audio"
+    if path.endswith("/previews/max-quality"):
+        return "preview"
+    if "/studio/task-files/" in path:
+        return "task-file"
+    return "video"
+
+
+_FILES = "/api/v1/runners/jobs/{job_uuid}/files/videos/{video_id}"
+
+routes = [
+    Route("/api/v1/runners/register", register, methods=["POST"]),
+    Route("/api/v1/runners/unregister", unregister, methods=["POST"]),
+    Route("/api/v1/runners/jobs/request", request_jobs, methods=["POST"]),
+    Route("/api/v1/runners/jobs/{job_uuid}/accept", accept, methods=["POST"]),
+    Route("/api/v1/runners/jobs/{job_uuid}/abort", abort, methods=["POST"]),
+    Route("/api/v1/runners/jobs/{job_uuid}/update", update_job, methods=["POST"]),
+    Route("/api/v1/runners/jobs/{job_uuid}/error", error, methods=["POST"]),
+    Route("/api/v1/runners/jobs/{job_uuid}/success", success, methods=["POST"]),
+    Route(_FILES + "/max-quality", download, methods=["POST"]),
+    Route(_FILES + "/max-quality/audio", download, methods=["POST"]),
+    Route(_FILES + "/previews/max-quality", download, methods=["POST"]),
+    Route(_FILES + "/studio/task-files/{filename}", download, methods=["POST"]),
+]

@@ -1,0 +1,177 @@
+"""Registered runners: registration, token lookups from memory, lastContact, removal.
+
+`jobs/request` is by far the most frequent call, so its token check must not touch the database: known
+tokens are cached here and dropped when this process removes a runner. lastContact is kept in memory on
+every authenticated call and written in batches; admin listings merge the in-memory values.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tuberunner.coordinator.database import Database
+from tuberunner.coordinator.jobs import JobService
+from tuberunner.coordinator.models import Runner
+from tuberunner.coordinator.problems import BadRequest, NotFound
+from tuberunner.coordinator.schema import registration_tokens, runners
+from tuberunner.protocol.errors import Message
+from tuberunner.protocol.jobs import REGISTRATION_TOKEN_PREFIX, RUNNER_TOKEN_PREFIX
+
+
+@dataclass(frozen=True)
+class RunnerAuth:
+    runner: Runner
+    token: str
+    version: str | None
+
+
+class RunnerRegistry:
+    def __init__(self, db: Database, jobs: JobService, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.clock = clock
+        self._by_token: dict[str, RunnerAuth] = {}
+        self._contacts: dict[int, tuple[float, str | None]] = {}
+
+    # ------------------------------------------------------------ lookups
+
+    async def by_token(self, token: str) -> RunnerAuth | None:
+        auth = self._by_token.get(token)
+        if auth is not None:
+            return auth
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(runners).where(runners.c.token == token))).mappings().first()
+        if row is None:
+            return None
+        auth = RunnerAuth(Runner(row["id"], row["name"], row["description"]), row["token"], row["version"])
+        self._by_token[token] = auth
+        return auth
+
+    def touch(self, runner_id: int, ip: str | None) -> None:
+        """Record a contact now; written to the database by `flush_contacts`."""
+        self._contacts[runner_id] = (self.clock(), ip)
+
+    def contact_of(self, runner_id: int) -> tuple[float, str | None] | None:
+        return self._contacts.get(runner_id)
+
+    async def flush_contacts(self) -> None:
+        if not self._contacts:
+            return
+        pending = dict(self._contacts)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(runners)
+                .where(runners.c.id == bindparam("rid"))
+                .values(last_contact=bindparam("ts"), ip=bindparam("addr")),
+                [{"rid": rid, "ts": ts, "addr": ip} for rid, (ts, ip) in pending.items()],
+            )
+        # A contact recorded during the write stays for the next flush.
+        for rid, value in pending.items():
+            if self._contacts.get(rid) is value:
+                del self._contacts[rid]
+
+    # ------------------------------------------------------------ registration
+
+    async def register(
+        self, registration_token: str, name: str, description: str | None, version: str | None, ip: str | None
+    ) -> tuple[int, str]:
+        now = self.clock()
+        token = RUNNER_TOKEN_PREFIX + str(uuidlib.uuid4())
+        async with self.db.write() as conn:
+            reg_id = (
+                await conn.execute(
+                    select(registration_tokens.c.id).where(registration_tokens.c.token == registration_token)
+                )
+            ).scalar()
+            if reg_id is None:
+                raise NotFound(Message.REGISTRATION_TOKEN_INVALID)
+            taken = (await conn.execute(select(runners.c.id).where(runners.c.name == name))).scalar()
+            if taken is not None:
+                raise BadRequest(Message.RUNNER_NAME_EXISTS)
+            try:
+                result = await conn.execute(
+                    insert(runners).values(
+                        token=token,
+                        name=name,
+                        description=description,
+                        version=version,
+                        ip=ip,
+                        last_contact=now,
+                        created_at=now,
+                        updated_at=now,
+                        registration_token_id=reg_id,
+                    )
+                )
+            except IntegrityError as exc:  # a concurrent registration took the name (PostgreSQL)
+                raise BadRequest(Message.RUNNER_NAME_EXISTS) from exc
+            key = result.inserted_primary_key
+            assert key is not None
+        return int(key[0]), token
+
+    async def set_version(self, auth: RunnerAuth, version: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(runners)
+                .where(runners.c.id == auth.runner.id)
+                .values(version=version, updated_at=self.clock())
+            )
+        self._by_token[auth.token] = RunnerAuth(auth.runner, auth.token, version)
+
+    async def remove(self, runner_ids: Iterable[int]) -> None:
+        """Delete runners; their processing jobs are re-queued in the same transaction (not left to die)."""
+        ids = list(runner_ids)
+        async with self.db.write() as conn:
+            requeued = await self.jobs.requeue_runner_jobs(conn, ids)
+            await conn.execute(delete(runners).where(runners.c.id.in_(ids)))
+        self._forget(ids)
+        self.jobs.runners_removed(requeued)
+
+    async def remove_registration_token(self, token_id: int) -> None:
+        async with self.db.write() as conn:
+            ids = list(
+                (
+                    await conn.execute(
+                        select(runners.c.id).where(runners.c.registration_token_id == token_id)
+                    )
+                ).scalars()
+            )
+            requeued = await self.jobs.requeue_runner_jobs(conn, ids)
+            result = await conn.execute(
+                delete(registration_tokens).where(registration_tokens.c.id == token_id)
+            )
+            if result.rowcount != 1:
+                raise NotFound(Message.REGISTRATION_TOKEN_NOT_FOUND)
+            # The FK cascade removes the runners; done explicitly too for engines without FK enforcement.
+            await conn.execute(delete(runners).where(runners.c.id.in_(ids)))
+        self._forget(ids)
+        self.jobs.runners_removed(requeued)
+
+    def _forget(self, ids: list[int]) -> None:
+        gone = set(ids)
+        for token, auth in list(self._by_token.items()):
+            if auth.runner.id in gone:
+                del self._by_token[token]
+        for rid in gone:
+            self._contacts.pop(rid, None)
+
+    async def create_registration_token(self) -> str:
+        now = self.clock()
+        token = REGISTRATION_TOKEN_PREFIX + str(uuidlib.uuid4())
+        async with self.db.write() as conn:
+            await conn.execute(
+                insert(registration_tokens).values(token=token, created_at=now, updated_at=now)
+            )
+        return token
+
+    async def ensure_registration_token(self) -> None:
+        """Like PeerTube: a fresh coordinator has one registration token."""
+        async with self.db.read() as conn:
+            count = (await conn.execute(select(func.count()).select_from(registration_tokens))).scalar_one()
+        if count == 0:
+            await self.create_registration_token()
