@@ -21,6 +21,8 @@ def _setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    # Migration chatter is noise at every start.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @app.callback()
@@ -70,6 +72,7 @@ def coordinator_serve(
         host=host,
         port=port,
         log_level="warning",
+        ws="websockets-sansio",
         timeout_graceful_shutdown=10,
     )
 

@@ -305,7 +305,17 @@ class JobService:
                 )
             )
             if updated.rowcount != 1:
-                await self._explain_lost(conn, job)
+                current = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().first()
+                duplicate = current is not None and Job.from_row(current).processing_job_token == (
+                    job.processing_job_token
+                )
+                if not (duplicate and current is not None and self.is_retried_success(Job.from_row(current))):
+                    self._discard(result)
+                    await self._explain_lost(conn, job)
+        if updated.rowcount != 1:
+            # A concurrent copy of this same `success` got there first: answer as for a retry.
+            self._discard(result)
+            return
         task = self._start_completion(job.id)
         try:
             await asyncio.wait_for(asyncio.shield(task), SUCCESS_WAIT_S)
@@ -313,6 +323,10 @@ class JobService:
             log.warning(
                 "completion of job %s takes longer than %.0f s; answering now", job.uuid, SUCCESS_WAIT_S
             )
+
+    def _discard(self, result: JobResult) -> None:
+        for relative in result.files.values():
+            self.storage.remove_tree(self.storage.resolve(relative).parent)
 
     def is_retried_success(self, job: Job) -> bool:
         """A `success` whose earlier attempt got through: same token, already past PROCESSING."""

@@ -1,0 +1,3 @@
+from tuberunner.cli import main
+
+main()

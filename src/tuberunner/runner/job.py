@@ -1,0 +1,62 @@
+"""What a processor sees of a job, and what it gives back."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuberunner.protocol.jobs import JobType
+
+
+@dataclass(frozen=True)
+class AcceptedJob:
+    uuid: str
+    type: JobType
+    payload: dict[str, Any]
+    job_token: str
+    # Which registered instance gave us the job (its URL).
+    instance_url: str
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """Result files by success field name (`videoFile`, `resolutionPlaylistFile`, `vttFile`,
+    `storyboardFile`) and text fields (`inputLanguage`)."""
+
+    files: dict[str, Path]
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class InputFetcher(Protocol):
+    async def __call__(self, url: str) -> Path:
+        """Download an input of this job (POST with its tokens), resuming and caching; returns a local
+        path the processor may read but must not modify or delete."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProcessingSettings:
+    ffmpeg: Path
+    threads: int = 0
+    nice: int = 0
+    # No ffmpeg progress for this long: the child is killed and the job reported as errored.
+    stall_timeout_s: float = 120.0
+    # Hard limit for one ffmpeg run; None = no limit.
+    max_duration_s: float | None = None
+    has_libfdk_aac: bool = False
+
+
+@dataclass
+class JobContext:
+    job: AcceptedJob
+    # Private folder of this job; the supervisor deletes it whatever happens.
+    work_dir: Path
+    settings: ProcessingSettings
+    fetch_input: InputFetcher
+    # Cheap and synchronous: the heartbeat loop sends the latest value (0-100, None = unknown).
+    report_progress: Callable[[float | None], None]
+
+
+Processor = Callable[[JobContext], Awaitable[JobOutput]]
