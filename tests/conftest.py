@@ -39,3 +39,10 @@ def coordinator_config(tmp_path: Path, database_url: str | None) -> CoordinatorC
 async def coordinator(coordinator_config: CoordinatorConfig) -> AsyncIterator[RunningCoordinator]:
     async with serve_coordinator(coordinator_config) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def result_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.support.results import make_result_files
+
+    return make_result_files(tmp_path_factory.mktemp("results"))

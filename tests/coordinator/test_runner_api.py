@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.results import result_parts
 from tests.support.servers import RunningCoordinator
 from tuberunner.coordinator.models import JobSpec
 from tuberunner.protocol.jobs import JobState, JobType
@@ -34,10 +36,20 @@ class Seeded:
 class Env:
     """A registered runner (or two) and a way to seed jobs, over the real HTTP API."""
 
-    def __init__(self, running: RunningCoordinator, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        running: RunningCoordinator,
+        http: httpx.AsyncClient,
+        result_files: dict[str, Path] | None = None,
+    ) -> None:
         self.running = running
         self.http = http
         self.c = running.coordinator
+        self.result_files = result_files or {}
+
+    def results(self, job_type: JobType) -> dict[str, Any]:
+        """Valid result parts of `job_type` (real tiny media made once per session)."""
+        return result_parts(job_type, self.result_files)
 
     async def register(self, name: str) -> str:
         reg = await self.c.runners.create_registration_token()
@@ -67,7 +79,11 @@ class Env:
         source.write_bytes(data)
         await self.c.videos.put_file(video_id, "source", "source.mp4", source, resolution=720, fps=25)
         parent = str(uuid.uuid4())
-        specs = [JobSpec(parent, job_type, priority, payload_for(job_type, parent, video_uuid), private(video_uuid))]
+        specs = [
+            JobSpec(
+                parent, job_type, priority, payload_for(job_type, parent, video_uuid), private(video_uuid)
+            )
+        ]
         previous = parent
         child_uuids = []
         for _ in range(children):
@@ -88,7 +104,9 @@ class Env:
         return Seeded(video_uuid, video_id, parent, child_uuids, data)
 
     async def accept(self, runner_token: str, job_uuid: str) -> str:
-        r = await self.http.post(f"/api/v1/runners/jobs/{job_uuid}/accept", json={"runnerToken": runner_token})
+        r = await self.http.post(
+            f"/api/v1/runners/jobs/{job_uuid}/accept", json={"runnerToken": runner_token}
+        )
         assert r.status_code == 200, r.text
         return str(r.json()["job"]["jobToken"])
 
@@ -97,7 +115,9 @@ class Env:
         assert job is not None
         return job.state
 
-    async def success(self, runner_token: str, job_uuid: str, job_token: str, files: dict[str, Any]) -> httpx.Response:
+    async def success(
+        self, runner_token: str, job_uuid: str, job_token: str, files: dict[str, Any]
+    ) -> httpx.Response:
         return await self.http.post(
             f"/api/v1/runners/jobs/{job_uuid}/success",
             data={"runnerToken": runner_token, "jobToken": job_token},
@@ -118,7 +138,10 @@ def payload_for(job_type: JobType, job_uuid: str, video_uuid: str) -> dict[str, 
         return {"input": video_input, "output": {"resolution": 720, "fps": 25, "separatedAudio": False}}
     if job_type == JobType.VOD_AUDIO_MERGE:
         return {
-            "input": {"audioFileUrl": base + "/max-quality", "previewFileUrl": base + "/previews/max-quality"},
+            "input": {
+                "audioFileUrl": base + "/max-quality",
+                "previewFileUrl": base + "/previews/max-quality",
+            },
             "output": {"resolution": 480, "fps": 25},
         }
     if job_type == JobType.STUDIO:
@@ -135,31 +158,30 @@ def payload_for(job_type: JobType, job_uuid: str, video_uuid: str) -> dict[str, 
     if job_type == JobType.STORYBOARD:
         return {
             "input": {"videoFileUrl": base + "/max-quality"},
-            "sprites": {"size": {"width": 192, "height": 108}, "count": {"width": 2, "height": 2}, "duration": 1},
+            "sprites": {
+                "size": {"width": 192, "height": 108},
+                "count": {"width": 2, "height": 2},
+                "duration": 1,
+            },
             "output": {},
         }
     raise AssertionError(job_type)
 
 
-RESULT_FILES: dict[JobType, dict[str, Any]] = {
-    JobType.VOD_WEB_VIDEO: {"payload[videoFile]": ("out.mp4", b"mp4", "video/mp4")},
-    JobType.VOD_HLS: {
-        "payload[videoFile]": ("out.mp4", b"mp4", "video/mp4"),
-        "payload[resolutionPlaylistFile]": ("out.m3u8", b"#EXTM3U\n", "application/vnd.apple.mpegurl"),
-    },
-    JobType.VOD_AUDIO_MERGE: {"payload[videoFile]": ("out.mp4", b"mp4", "video/mp4")},
-    JobType.STUDIO: {"payload[videoFile]": ("out.mp4", b"mp4", "video/mp4")},
-    JobType.TRANSCRIPTION: {"payload[vttFile]": ("out.vtt", b"WEBVTT\n", "text/vtt")},
-    JobType.STORYBOARD: {"payload[storyboardFile]": ("out.jpg", b"jpg", "image/jpeg")},
-}
-
-ALL_TYPES = list(RESULT_FILES)
+ALL_TYPES = [
+    JobType.VOD_WEB_VIDEO,
+    JobType.VOD_HLS,
+    JobType.VOD_AUDIO_MERGE,
+    JobType.STUDIO,
+    JobType.TRANSCRIPTION,
+    JobType.STORYBOARD,
+]
 
 
 @pytest.fixture
-async def env(coordinator: RunningCoordinator) -> Any:
+async def env(coordinator: RunningCoordinator, result_files: dict[str, Path]) -> Any:
     async with httpx.AsyncClient(base_url=coordinator.url, timeout=30) as http:
-        yield Env(coordinator, http)
+        yield Env(coordinator, http, result_files)
 
 
 # ------------------------------------------------------------------ register / unregister (#9–#14, #20–#21)
@@ -207,7 +229,9 @@ async def test_register_answers_id_and_token_and_refuses_a_taken_name(env: Env) 
 
 async def test_register_accepts_urlencoded_bodies(env: Env) -> None:
     reg = await env.c.runners.create_registration_token()
-    r = await env.http.post("/api/v1/runners/register", data={"registrationToken": reg, "name": "form runner"})
+    r = await env.http.post(
+        "/api/v1/runners/register", data={"registrationToken": reg, "name": "form runner"}
+    )
     assert r.status_code == 200
 
 
@@ -379,7 +403,8 @@ async def test_update_stores_progress_and_renews_the_lease(env: Env) -> None:
     jt = await env.accept(token, seeded.parent)
     before = await env.c.jobs.get(seeded.parent)
     r = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/update", data={"runnerToken": token, "jobToken": jt, "progress": "53"}
+        f"/api/v1/runners/jobs/{seeded.parent}/update",
+        data={"runnerToken": token, "jobToken": jt, "progress": "53"},
     )
     assert r.status_code == 204
     after = await env.c.jobs.get(seeded.parent)
@@ -432,9 +457,12 @@ async def test_update_of_a_completed_job_is_a_no_op(env: Env) -> None:
     token = await env.register("r")
     seeded = await env.seed()
     jt = await env.accept(token, seeded.parent)
-    assert (await env.success(token, seeded.parent, jt, RESULT_FILES[JobType.VOD_WEB_VIDEO])).status_code == 204
+    assert (
+        await env.success(token, seeded.parent, jt, env.results(JobType.VOD_WEB_VIDEO))
+    ).status_code == 204
     r = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/update", json={"runnerToken": token, "jobToken": jt, "progress": 5}
+        f"/api/v1/runners/jobs/{seeded.parent}/update",
+        json={"runnerToken": token, "jobToken": jt, "progress": 5},
     )
     assert r.status_code == 204
     job = await env.c.jobs.get(seeded.parent)
@@ -451,14 +479,21 @@ async def test_abort_requeues_without_counting_a_failure(env: Env) -> None:
     seeded = await env.seed()
     jt = await env.accept(token, seeded.parent)
     r = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/abort", json={"runnerToken": token, "jobToken": jt, "reason": "stop"}
+        f"/api/v1/runners/jobs/{seeded.parent}/abort",
+        json={"runnerToken": token, "jobToken": jt, "reason": "stop"},
     )
     assert r.status_code == 204
     job = await env.c.jobs.get(seeded.parent)
     assert job is not None
-    assert (job.state, job.failures, job.processing_job_token, job.progress) == (JobState.PENDING, 0, None, None)
+    assert (job.state, job.failures, job.processing_job_token, job.progress) == (
+        JobState.PENDING,
+        0,
+        None,
+        None,
+    )
     again = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/abort", json={"runnerToken": token, "jobToken": jt, "reason": "x"}
+        f"/api/v1/runners/jobs/{seeded.parent}/abort",
+        json={"runnerToken": token, "jobToken": jt, "reason": "x"},
     )
     assert again.status_code == 404
 
@@ -469,7 +504,8 @@ async def test_abort_needs_a_reason(env: Env, reason: Any) -> None:
     seeded = await env.seed()
     jt = await env.accept(token, seeded.parent)
     r = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/abort", json={"runnerToken": token, "jobToken": jt, "reason": reason}
+        f"/api/v1/runners/jobs/{seeded.parent}/abort",
+        json={"runnerToken": token, "jobToken": jt, "reason": reason},
     )
     assert r.status_code == 400
     assert r.json()["detail"] == "Incorrect request parameters: reason"
@@ -507,7 +543,8 @@ async def test_error_needs_a_message(env: Env, message: Any) -> None:
     seeded = await env.seed()
     jt = await env.accept(token, seeded.parent)
     r = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/error", json={"runnerToken": token, "jobToken": jt, "message": message}
+        f"/api/v1/runners/jobs/{seeded.parent}/error",
+        json={"runnerToken": token, "jobToken": jt, "message": message},
     )
     assert r.status_code == 400
 
@@ -520,7 +557,7 @@ async def test_success_completes_each_type_and_releases_children(env: Env, job_t
     token = await env.register("r")
     seeded = await env.seed(job_type)
     jt = await env.accept(token, seeded.parent)
-    r = await env.success(token, seeded.parent, jt, RESULT_FILES[job_type])
+    r = await env.success(token, seeded.parent, jt, env.results(job_type))
     assert r.status_code == 204
     job = await env.c.jobs.get(seeded.parent)
     assert job is not None
@@ -535,7 +572,7 @@ async def test_a_retried_success_is_answered_204_and_completes_once(env: Env) ->
     token = await env.register("r")
     seeded = await env.seed(children=1)
     jt = await env.accept(token, seeded.parent)
-    files = RESULT_FILES[JobType.VOD_WEB_VIDEO]
+    files = env.results(JobType.VOD_WEB_VIDEO)
     first, second = await asyncio.gather(
         env.success(token, seeded.parent, jt, files), env.success(token, seeded.parent, jt, files)
     )
@@ -549,7 +586,8 @@ async def test_a_retried_success_is_answered_204_and_completes_once(env: Env) ->
     assert await env.state(seeded.children[0]) == JobState.PENDING
     # Error and abort after completion are refused with the code.
     r = await env.http.post(
-        f"/api/v1/runners/jobs/{seeded.parent}/error", json={"runnerToken": token, "jobToken": jt, "message": "late"}
+        f"/api/v1/runners/jobs/{seeded.parent}/error",
+        json={"runnerToken": token, "jobToken": jt, "message": "late"},
     )
     assert (r.status_code, r.json()["code"]) == (400, "runner_job_not_in_processing_state")
 
@@ -563,7 +601,9 @@ async def test_a_retried_success_is_answered_204_and_completes_once(env: Env) ->
         (JobType.STUDIO, {}),
     ],
 )
-async def test_success_with_the_wrong_files_is_payload_invalid(env: Env, job_type: JobType, files: dict[str, Any]) -> None:
+async def test_success_with_the_wrong_files_is_payload_invalid(
+    env: Env, job_type: JobType, files: dict[str, Any]
+) -> None:
     token = await env.register("r")
     seeded = await env.seed(job_type)
     jt = await env.accept(token, seeded.parent)
@@ -582,7 +622,7 @@ async def test_transcription_success_keeps_the_language(env: Env) -> None:
     r = await env.http.post(
         f"/api/v1/runners/jobs/{seeded.parent}/success",
         data={"runnerToken": token, "jobToken": jt, "payload[inputLanguage]": "ar"},
-        files=RESULT_FILES[JobType.TRANSCRIPTION],
+        files=env.results(JobType.TRANSCRIPTION),
     )
     assert r.status_code == 204
     job = await env.c.jobs.get(seeded.parent)
@@ -658,12 +698,19 @@ async def test_input_download_returns_the_source_bytes_and_honours_range(env: En
     assert full.status_code == 200
     assert full.content == seeded.source_bytes
     assert full.headers["accept-ranges"] == "bytes"
-    part = await env.http.post(url, json={"runnerToken": token, "jobToken": jt}, headers={"Range": "bytes=1000-"})
+    part = await env.http.post(
+        url, json={"runnerToken": token, "jobToken": jt}, headers={"Range": "bytes=1000-"}
+    )
     assert part.status_code == 206
     assert part.content == seeded.source_bytes[1000:]
-    assert part.headers["content-range"] == f"bytes 1000-{len(seeded.source_bytes) - 1}/{len(seeded.source_bytes)}"
+    assert (
+        part.headers["content-range"]
+        == f"bytes 1000-{len(seeded.source_bytes) - 1}/{len(seeded.source_bytes)}"
+    )
     beyond = await env.http.post(
-        url, json={"runnerToken": token, "jobToken": jt}, headers={"Range": f"bytes={len(seeded.source_bytes)}-"}
+        url,
+        json={"runnerToken": token, "jobToken": jt},
+        headers={"Range": f"bytes={len(seeded.source_bytes)}-"},
     )
     assert beyond.status_code == 416
 
@@ -709,12 +756,20 @@ async def test_studio_task_files_are_checked_by_name(env: Env) -> None:
         (b'"text"', "application/json", 400),
         (b"x" * (600 * 1024), "application/json", 413),
         (b"\x00\x01", "application/octet-stream", 415),
-        (b"--b\r\nContent-Disposition: form-data; name=\"runnerToken\"\r\n\r\nx", "multipart/form-data; boundary=b", 400),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="runnerToken"\r\n\r\nx',
+            "multipart/form-data; boundary=b",
+            400,
+        ),
         (b"garbage", "multipart/form-data", 400),
     ],
 )
-async def test_malformed_bodies_get_a_problem_document(env: Env, content: bytes, content_type: str, status: int) -> None:
-    r = await env.http.post("/api/v1/runners/jobs/request", content=content, headers={"content-type": content_type})
+async def test_malformed_bodies_get_a_problem_document(
+    env: Env, content: bytes, content_type: str, status: int
+) -> None:
+    r = await env.http.post(
+        "/api/v1/runners/jobs/request", content=content, headers={"content-type": content_type}
+    )
     assert r.status_code == status
     assert r.headers["content-type"].startswith("application/problem+json")
     # And the coordinator still answers.
@@ -734,7 +789,9 @@ async def test_an_oversized_upload_is_413_and_leaves_nothing(tmp_path: Any, data
         token = await env.register("r")
         seeded = await env.seed()
         jt = await env.accept(token, seeded.parent)
-        r = await env.success(token, seeded.parent, jt, {"payload[videoFile]": ("a.mp4", b"x" * 50_000, "video/mp4")})
+        r = await env.success(
+            token, seeded.parent, jt, {"payload[videoFile]": ("a.mp4", b"x" * 50_000, "video/mp4")}
+        )
         assert r.status_code == 413
         assert list(config.uploads_dir.iterdir()) == []
         assert await env.state(seeded.parent) == JobState.PROCESSING
