@@ -47,7 +47,9 @@ async def serve_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningC
     port = free_port()
     app = create_app(config)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
+        )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
@@ -66,7 +68,9 @@ async def serve_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningC
 class CoordinatorProcess:
     """`tuberunner coordinator serve` as a child process, for SIGKILL and restart tests."""
 
-    def __init__(self, data_dir: Path, database_url: str | None, *, lease_s: float = 120.0, port: int | None = None):
+    def __init__(
+        self, data_dir: Path, database_url: str | None, *, lease_s: float = 120.0, port: int | None = None
+    ):
         self.data_dir = data_dir
         self.database_url = database_url
         self.lease_s = lease_s
@@ -93,8 +97,8 @@ class CoordinatorProcess:
         if self.database_url:
             args += ["--database-url", self.database_url]
         env = {**os.environ, "TUBERUNNER_ADMIN_TOKEN": ADMIN_TOKEN}
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,133 @@
+"""The `/runners` socket.io namespace (checklist N, #91–#96) with the real python-socketio client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import socketio
+
+from tests.coordinator.test_runner_api import Env
+from tests.support.servers import RunningCoordinator
+from tuberunner.protocol.jobs import JobState, JobType
+
+
+@pytest.fixture
+async def env(coordinator: RunningCoordinator, result_files: dict[str, Path]) -> Any:
+    async with httpx.AsyncClient(base_url=coordinator.url, timeout=30) as http:
+        yield Env(coordinator, http, result_files)
+
+
+class Listener:
+    """A connected runner socket that counts `available-jobs` pings."""
+
+    def __init__(self) -> None:
+        self.client = socketio.AsyncClient(reconnection=False)
+        self.pings: asyncio.Queue[float] = asyncio.Queue()
+        self.refusals: list[Any] = []
+        self.client.on("available-jobs", self._on_ping, namespace="/runners")
+        self.client.on("connect_error", self.refusals.append, namespace="/runners")
+
+    async def _on_ping(self, *_: Any) -> None:
+        self.pings.put_nowait(time.monotonic())
+
+    async def connect(self, url: str, auth: Any) -> None:
+        await self.client.connect(url, namespaces=["/runners"], auth=auth, transports=["websocket"], wait_timeout=5)
+
+    async def next_ping(self, timeout_s: float = 5) -> float:
+        return await asyncio.wait_for(self.pings.get(), timeout_s)
+
+    async def no_ping_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.pings.get(), seconds)
+        except TimeoutError:
+            return True
+        return False
+
+
+async def _refused_with(url: str, auth: Any) -> str:
+    """The `connect_error` data the server sent (`{"message": ...}` on the wire)."""
+    listener = Listener()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await listener.connect(url, auth)
+    assert len(listener.refusals) == 1
+    data = listener.refusals[0]
+    return str(data.get("message") if isinstance(data, dict) else data)
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        (None, "No runner token provided"),
+        ({}, "No runner token provided"),
+        ({"runnerToken": 42}, "Runner token is invalid"),
+        ({"runnerToken": "ptrt-unknown"}, "Invalid runner token."),
+    ],
+)
+async def test_bad_tokens_are_refused_with_peertubes_messages(env: Env, auth: Any, message: str) -> None:
+    assert message in await _refused_with(env.running.url, auth)
+
+
+async def test_one_ping_for_a_burst_of_new_jobs_and_none_when_idle(env: Env) -> None:
+    token = await env.register("listener")
+    listener = Listener()
+    await listener.connect(env.running.url, {"runnerToken": token})
+    try:
+        assert await listener.no_ping_within(0.3)
+        await asyncio.gather(*(env.seed(children=0) for _ in range(5)))
+        await listener.next_ping()
+        assert await listener.no_ping_within(0.3)
+    finally:
+        await listener.client.disconnect()
+
+
+async def test_parent_success_with_children_pings_and_without_children_does_not(env: Env) -> None:
+    token = await env.register("listener")
+    with_child = await env.seed(children=1)
+    alone = await env.seed(children=0)
+    jt_child = await env.accept(token, with_child.parent)
+    jt_alone = await env.accept(token, alone.parent)
+    listener = Listener()
+    await listener.connect(env.running.url, {"runnerToken": token})
+    try:
+        r = await env.success(token, alone.parent, jt_alone, env.results(JobType.VOD_WEB_VIDEO))
+        assert r.status_code == 204
+        assert await listener.no_ping_within(0.3)
+        r = await env.success(token, with_child.parent, jt_child, env.results(JobType.VOD_WEB_VIDEO))
+        assert r.status_code == 204
+        await listener.next_ping()
+        assert await env.state(with_child.children[0]) == JobState.PENDING
+    finally:
+        await listener.client.disconnect()
+
+
+async def test_abort_pings_because_the_job_is_pending_again(env: Env) -> None:
+    token = await env.register("listener")
+    seeded = await env.seed(children=0)
+    jt = await env.accept(token, seeded.parent)
+    listener = Listener()
+    await listener.connect(env.running.url, {"runnerToken": token})
+    try:
+        await env.http.post(
+            f"/api/v1/runners/jobs/{seeded.parent}/abort", json={"runnerToken": token, "jobToken": jt, "reason": "x"}
+        )
+        await listener.next_ping()
+    finally:
+        await listener.client.disconnect()
+
+
+async def test_socket_connect_records_last_contact(env: Env) -> None:
+    token = await env.register("listener")
+    auth = await env.c.runners.by_token(token)
+    assert auth is not None
+    env.c.runners._contacts.clear()
+    listener = Listener()
+    await listener.connect(env.running.url, {"runnerToken": token})
+    try:
+        assert env.c.runners.contact_of(auth.runner.id) is not None
+    finally:
+        await listener.client.disconnect()
