@@ -102,7 +102,8 @@ async def test_a_job_whose_lease_keeps_expiring_is_errored_not_requeued_forever(
         await _wait_for_state(env, seeded.parent, JobState.ERRORED)
         job = await env.c.jobs.get(seeded.parent)
         assert job is not None
-        assert job.error is not None and "lease expired 2 times" in job.error
+        assert job.error is not None
+        assert "lease expired 2 times" in job.error
         assert await env.state(seeded.children[0]) == JobState.PARENT_ERRORED
 
 

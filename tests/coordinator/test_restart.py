@@ -53,16 +53,20 @@ async def _seed_video_job(config: CoordinatorConfig, source: Path) -> tuple[str,
                     parent,
                     JobType.VOD_WEB_VIDEO,
                     100,
-                    {"input": {"videoFileUrl": files.format(parent), "separatedAudioFileUrl": []},
-                     "output": {"resolution": 90, "fps": 25}},
+                    {
+                        "input": {"videoFileUrl": files.format(parent), "separatedAudioFileUrl": []},
+                        "output": {"resolution": 90, "fps": 25},
+                    },
                     {"videoUUID": video_uuid, "isNewVideo": True},
                 ),
                 JobSpec(
                     child,
                     JobType.VOD_HLS,
                     100,
-                    {"input": {"videoFileUrl": files.format(child), "separatedAudioFileUrl": []},
-                     "output": {"resolution": 90, "fps": 25, "separatedAudio": False}},
+                    {
+                        "input": {"videoFileUrl": files.format(child), "separatedAudioFileUrl": []},
+                        "output": {"resolution": 90, "fps": 25, "separatedAudio": False},
+                    },
                     {"videoUUID": video_uuid, "isNewVideo": True},
                     parent_uuid=parent,
                 ),
@@ -85,14 +89,18 @@ async def test_sigkill_and_restart_mid_job_keeps_the_job_and_its_token(
     try:
         parent, child, reg = await _seed_video_job(config, result_files["mp4"])
         async with httpx.AsyncClient(base_url=process.url, timeout=30) as http:
-            r = await http.post("/api/v1/runners/register", json={"registrationToken": reg, "name": "survivor"})
+            r = await http.post(
+                "/api/v1/runners/register", json={"registrationToken": reg, "name": "survivor"}
+            )
             runner_token = r.json()["runnerToken"]
             r = await http.post(f"/api/v1/runners/jobs/{parent}/accept", json={"runnerToken": runner_token})
             assert r.status_code == 200
             job = r.json()["job"]
             job_token = job["jobToken"]
             body = {"runnerToken": runner_token, "jobToken": job_token}
-            assert (await http.post(f"/api/v1/runners/jobs/{parent}/update", json={**body, "progress": 10})).status_code == 204
+            assert (
+                await http.post(f"/api/v1/runners/jobs/{parent}/update", json={**body, "progress": 10})
+            ).status_code == 204
 
         process.kill()
         process.start()

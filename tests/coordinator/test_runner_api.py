@@ -408,9 +408,11 @@ async def test_update_stores_progress_and_renews_the_lease(env: Env) -> None:
     )
     assert r.status_code == 204
     after = await env.c.jobs.get(seeded.parent)
-    assert after is not None and before is not None
+    assert after is not None
+    assert before is not None
     assert after.progress == 53
-    assert after.lease_expires_at is not None and before.lease_expires_at is not None
+    assert after.lease_expires_at is not None
+    assert before.lease_expires_at is not None
     assert after.lease_expires_at >= before.lease_expires_at
 
 
@@ -626,7 +628,8 @@ async def test_transcription_success_keeps_the_language(env: Env) -> None:
     )
     assert r.status_code == 204
     job = await env.c.jobs.get(seeded.parent)
-    assert job is not None and job.result is not None
+    assert job is not None
+    assert job.result is not None
     assert job.result["fields"] == {"inputLanguage": "ar"}
 
 

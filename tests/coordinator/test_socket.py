@@ -36,7 +36,9 @@ class Listener:
         self.pings.put_nowait(time.monotonic())
 
     async def connect(self, url: str, auth: Any) -> None:
-        await self.client.connect(url, namespaces=["/runners"], auth=auth, transports=["websocket"], wait_timeout=5)
+        await self.client.connect(
+            url, namespaces=["/runners"], auth=auth, transports=["websocket"], wait_timeout=5
+        )
 
     async def next_ping(self, timeout_s: float = 5) -> float:
         return await asyncio.wait_for(self.pings.get(), timeout_s)
@@ -113,7 +115,8 @@ async def test_abort_pings_because_the_job_is_pending_again(env: Env) -> None:
     await listener.connect(env.running.url, {"runnerToken": token})
     try:
         await env.http.post(
-            f"/api/v1/runners/jobs/{seeded.parent}/abort", json={"runnerToken": token, "jobToken": jt, "reason": "x"}
+            f"/api/v1/runners/jobs/{seeded.parent}/abort",
+            json={"runnerToken": token, "jobToken": jt, "reason": "x"},
         )
         await listener.next_ping()
     finally:

@@ -19,6 +19,7 @@ import uvicorn
 
 from tuberunner.coordinator.app import create_app
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.context import Coordinator
 
 ADMIN_TOKEN = "tra-test-admin-token"
 
@@ -36,9 +37,10 @@ class RunningCoordinator:
     app: object
 
     @property
-    def coordinator(self):  # type: ignore[no-untyped-def]
+    def coordinator(self) -> Coordinator:
         # socketio.ASGIApp keeps the Starlette app as `other_asgi_app`.
-        return self.app.other_asgi_app.state.coordinator  # type: ignore[attr-defined]
+        found: Coordinator = self.app.other_asgi_app.state.coordinator  # type: ignore[attr-defined]
+        return found
 
 
 @asynccontextmanager
@@ -51,7 +53,6 @@ async def serve_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningC
             app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

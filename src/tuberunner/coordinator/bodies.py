@@ -8,6 +8,7 @@ deleted when the `async with` block ends, so a rejected or truncated request lea
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -122,7 +123,7 @@ def _set_field(fields: dict[str, Any], name: str, value: Any) -> None:
         return
     target: Any = fields
     path = [base, *keys]
-    for key, nxt in zip(path, path[1:], strict=False):
+    for key, nxt in itertools.pairwise(path):
         container = target.get(key) if isinstance(target, dict) else None
         if not isinstance(container, dict | list):
             container = [] if nxt == "" else {}

@@ -34,6 +34,7 @@ class Coordinator:
         )
         self.runners = RunnerRegistry(self.db, self.jobs)
         self.notifier = Notifier(self.runners, config.ping_debounce_s, config.redis_url)
+        self.runners.on_removed = self.notifier.disconnect_runners
         self.admin = AdminAuth(self.db, config.admin_token)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -57,13 +58,13 @@ class Coordinator:
             log.warning("redoing %d completion(s) interrupted by the last stop", recovered)
         self._tasks = [
             asyncio.create_task(
-                run_forever(self.config.reaper_interval_s, self.jobs.reap_expired, "lease reaper")(),
+                run_forever(self.config.reaper_interval_s, self.jobs.reap_expired, "lease reaper"),
                 name="lease-reaper",
             ),
             asyncio.create_task(
                 run_forever(
                     self.config.last_contact_flush_s, self.runners.flush_contacts, "lastContact flush"
-                )(),
+                ),
                 name="contact-flush",
             ),
         ]

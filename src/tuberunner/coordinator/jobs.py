@@ -21,6 +21,7 @@ import secrets
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -517,10 +518,8 @@ class JobService:
     async def delete(self, job: Job) -> None:
         """Cancel if cancellable, then delete the job and (by cascade) its descendants."""
         if job.state in CANCELLABLE_STATES:
-            try:
+            with suppress(BadRequest):  # its state changed meanwhile: delete it anyway
                 await self.cancel(job)
-            except BadRequest:
-                pass  # changed state meanwhile: delete it anyway
         async with self.db.write() as conn:
             await conn.execute(delete(jobs).where(jobs.c.id == job.id))
         self.storage.remove_tree(self.storage.results_of(job.uuid))
@@ -681,22 +680,14 @@ class JobService:
         raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
 
 
-def run_forever(
-    interval_s: float, step: Callable[[], Awaitable[object]], name: str
-) -> Callable[[], Awaitable[None]]:
+async def run_forever(interval_s: float, step: Callable[[], Awaitable[object]], name: str) -> None:
     """A periodic loop that logs and survives any failure of one step."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s failed; trying again in %.1f s", name, interval_s)
-
-    return loop
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await step()
+        except Exception:
+            log.exception("%s failed; trying again in %.1f s", name, interval_s)
 
 
 def random_token(prefix: str) -> str:

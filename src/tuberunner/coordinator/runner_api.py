@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid as uuidlib
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -28,6 +27,7 @@ from tuberunner.protocol.jobs import (
     JobType,
 )
 
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _TASK_FILENAME = re.compile(r"^[a-z0-9-]+\.[a-z0-9]{1,8}$")
 _NO_CONTENT = 204
@@ -59,10 +59,9 @@ def _check_strings(fields: Mapping[str, Any], *names: str) -> list[str]:
 
 def _job_uuid(request: Request) -> str:
     value = request.path_params["job_uuid"]
-    try:
-        uuidlib.UUID(value)
-    except ValueError:
-        raise invalid_params(["jobUUID"]) from None
+    # Only the canonical lower-case form: that is how job UUIDs are stored and sent.
+    if not _UUID.match(value):
+        raise invalid_params(["jobUUID"])
     return str(value)
 
 
@@ -212,7 +211,7 @@ def _progress(fields: Mapping[str, Any]) -> int | None:
     if "progress" not in fields:
         return None
     value = fields["progress"]
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
         raise invalid_params(["progress"])

@@ -7,9 +7,10 @@ every authenticated call and written in batches; admin listings merge the in-mem
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -22,6 +23,8 @@ from tuberunner.coordinator.problems import BadRequest, NotFound
 from tuberunner.coordinator.schema import registration_tokens, runners
 from tuberunner.protocol.errors import Message
 from tuberunner.protocol.jobs import REGISTRATION_TOKEN_PREFIX, RUNNER_TOKEN_PREFIX
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class RunnerRegistry:
         self.clock = clock
         self._by_token: dict[str, RunnerAuth] = {}
         self._contacts: dict[int, tuple[float, str | None]] = {}
+        # Told which runners were removed (the notifier closes their sockets).
+        self.on_removed: Callable[[set[int]], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------ lookups
 
@@ -123,16 +128,20 @@ class RunnerRegistry:
             )
         self._by_token[auth.token] = RunnerAuth(auth.runner, auth.token, version)
 
-    async def remove(self, runner_ids: Iterable[int]) -> None:
-        """Delete runners; their processing jobs are re-queued in the same transaction (not left to die)."""
-        ids = list(runner_ids)
+    async def remove(self, runner_ids: Iterable[int]) -> set[int]:
+        """Delete runners; their processing jobs are re-queued in the same transaction (not left to die).
+        Returns the ids that existed."""
         async with self.db.write() as conn:
+            ids = list(
+                (await conn.execute(select(runners.c.id).where(runners.c.id.in_(list(runner_ids))))).scalars()
+            )
             requeued = await self.jobs.requeue_runner_jobs(conn, ids)
             await conn.execute(delete(runners).where(runners.c.id.in_(ids)))
-        self._forget(ids)
-        self.jobs.runners_removed(requeued)
+        await self._removed(ids, requeued)
+        return set(ids)
 
-    async def remove_registration_token(self, token_id: int) -> None:
+    async def remove_registration_token(self, token_id: int) -> set[int]:
+        """Delete a registration token and the runners registered with it; returns their ids."""
         async with self.db.write() as conn:
             ids = list(
                 (
@@ -149,16 +158,22 @@ class RunnerRegistry:
                 raise NotFound(Message.REGISTRATION_TOKEN_NOT_FOUND)
             # The FK cascade removes the runners; done explicitly too for engines without FK enforcement.
             await conn.execute(delete(runners).where(runners.c.id.in_(ids)))
-        self._forget(ids)
-        self.jobs.runners_removed(requeued)
+        await self._removed(ids, requeued)
+        return set(ids)
 
-    def _forget(self, ids: list[int]) -> None:
+    async def _removed(self, ids: list[int], requeued: int) -> None:
         gone = set(ids)
         for token, auth in list(self._by_token.items()):
             if auth.runner.id in gone:
                 del self._by_token[token]
         for rid in gone:
             self._contacts.pop(rid, None)
+        self.jobs.runners_removed(requeued)
+        if gone and self.on_removed is not None:
+            try:
+                await self.on_removed(gone)
+            except Exception:  # the removal is committed; a socket left open only delays the news
+                log.exception("could not tell about removed runners %s", sorted(gone))
 
     async def create_registration_token(self) -> str:
         now = self.clock()
