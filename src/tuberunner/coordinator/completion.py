@@ -1,26 +1,362 @@
 """What happens to a job's result files once its `success` is accepted (type by type).
 
-Every handler is idempotent: after a crash it runs again from the start on the same stored result.
+    vod-web-video-transcoding    videoFile → <uuid>-<res>.mp4                          kind web-video
+    vod-audio-merge-transcoding  (the same)
+    vod-hls-transcoding          videoFile → <uuid>-<res>-fragmented.mp4              kind hls-video
+                                 resolutionPlaylistFile → <uuid>-<res>.m3u8 (URIs rewritten)  hls-playlist
+                                 then master.m3u8 is rebuilt                           kind hls-master
+    video-transcription          vttFile → <uuid>-<lang>.vtt                          kind caption
+    generate-video-storyboard    storyboardFile → <uuid>-storyboard.jpg               kind storyboard
+    video-studio-transcoding     videoFile → the new source of the video              kind source
+
+Every result is checked before it is kept: media files are probed (a file that is not the media its job
+promised raises, and the job becomes errored with the reason), playlists and captions are parsed.
+
+Every handler is idempotent: after a crash it runs again from the start on the same stored result. Each
+file is validated first, then moved with one `os.replace` (same file system), so a re-run either finds the
+result file still in the results folder or finds it already at its destination, and recording a row
+replaces any row of the same kind and name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import delete, select
 
 from tuberunner.coordinator.models import Job, JobResult
+from tuberunner.coordinator.schema import jobs, video_files
 from tuberunner.coordinator.storage import Storage
-from tuberunner.coordinator.videos import VideoStore
+from tuberunner.coordinator.video_outputs import (
+    MASTER_PLAYLIST_NAME,
+    MAX_PLAYLIST_BYTES,
+    Rendition,
+    build_master_playlist,
+    caption_name,
+    hls_playlist_name,
+    hls_video_name,
+    playlist_bandwidth,
+    rewrite_media_playlist,
+    storyboard_name,
+    web_video_name,
+    write_atomically,
+)
+from tuberunner.coordinator.videos import Video, VideoFile, VideoStore
+from tuberunner.media.probe import MediaInfo, hls_codecs_string, probe
+from tuberunner.protocol.jobs import JobState, JobType
 
 log = logging.getLogger(__name__)
+
+_MAX_CAPTION_BYTES: Final = 32 * 1024 * 1024
+# ISO 639-1/-3 with optional subtags (`pt-BR`); anything else (PeerTube's `toto`) names no language.
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
+UNKNOWN_LANGUAGE: Final = "und"
+
+_Handler = Callable[[Job, JobResult, Video], Awaitable[None]]
+
+
+class ResultError(ValueError):
+    """A result that cannot be kept: missing, or not what its job type promised."""
 
 
 class VideoCompleter:
     def __init__(self, videos: VideoStore, storage: Storage) -> None:
         self.videos = videos
         self.storage = storage
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._handlers: dict[JobType, _Handler] = {
+            JobType.VOD_WEB_VIDEO: self._web_video,
+            JobType.VOD_AUDIO_MERGE: self._web_video,
+            JobType.VOD_HLS: self._hls,
+            JobType.TRANSCRIPTION: self._caption,
+            JobType.STORYBOARD: self._storyboard,
+            JobType.STUDIO: self._studio,
+            JobType.LIVE_RTMP_HLS: self._nothing,
+        }
 
     async def __call__(self, job: Job, result: JobResult) -> None:
-        for name, relative in result.files.items():
-            if not self.storage.resolve(relative).is_file():
-                raise FileNotFoundError(f"result file {name} of job {job.uuid} is missing")
-        log.info("job %s completed (%s)", job.uuid, job.type)
+        video = await self._video_of(job)
+        await self._handlers[job.type](job, result, video)
+        log.info("job %s completed (%s) for video %s", job.uuid, job.type, video.uuid)
+
+    # ---------------------------------------------------------------- per type
+
+    async def _web_video(self, job: Job, result: JobResult, video: Video) -> None:
+        resolution = int(job.payload["output"]["resolution"])
+        name = web_video_name(video.uuid, resolution)
+        dest = self.storage.video_dir(video.uuid) / name
+        info = await self._take_media(job, result, "videoFile", dest, need_video=True)
+        assert info.video is not None
+        if info.video.short_side != resolution and job.type == JobType.VOD_WEB_VIDEO:
+            log.warning("job %s asked for %dp and got %dp", job.uuid, resolution, info.video.short_side)
+        await self.videos.put_file(
+            video.id,
+            "web-video",
+            name,
+            dest,
+            resolution=info.video.short_side,
+            fps=round(info.video.fps),
+            extra=_media_extra(info),
+        )
+
+    async def _hls(self, job: Job, result: JobResult, video: Video) -> None:
+        resolution = int(job.payload["output"]["resolution"])
+        folder = self.storage.video_dir(video.uuid)
+        video_name = hls_video_name(video.uuid, resolution)
+        playlist_name = hls_playlist_name(video.uuid, resolution)
+        playlist_dest = folder / playlist_name
+        # The playlist is checked before anything moves; it is written after its media file.
+        playlist_src = self._result_file(job, result, "resolutionPlaylistFile")
+        if playlist_src.is_file():
+            playlist = rewrite_media_playlist(_read_text(playlist_src, MAX_PLAYLIST_BYTES), video_name)
+        elif playlist_dest.is_file():
+            playlist = _read_text(playlist_dest, MAX_PLAYLIST_BYTES)
+        else:
+            raise ResultError(f"result file resolutionPlaylistFile of job {job.uuid} is missing")
+
+        info = await self._take_media(
+            job,
+            result,
+            "videoFile",
+            folder / video_name,
+            need_video=resolution > 0,
+            need_audio=resolution == 0,
+        )
+        if playlist_src.is_file():
+            write_atomically(playlist_dest, playlist.encode())
+            playlist_src.unlink(missing_ok=True)
+
+        measured = playlist_bandwidth(playlist)
+        fallback = info.bit_rate or (info.video.bit_rate if info.video else None) or 0
+        peak, average = measured if measured else (fallback, fallback)
+        rendition = Rendition(
+            resolution=resolution,
+            playlist=playlist_name,
+            width=info.video.display_width if info.video and resolution > 0 else 0,
+            height=info.video.display_height if info.video and resolution > 0 else 0,
+            fps=info.video.fps if info.video and resolution > 0 else 0.0,
+            codecs=hls_codecs_string(info),
+            bandwidth=peak,
+            average_bandwidth=average,
+        )
+        await self.videos.put_file(
+            video.id,
+            "hls-video",
+            video_name,
+            folder / video_name,
+            resolution=resolution,
+            fps=round(rendition.fps),
+            extra=rendition.as_extra(),
+        )
+        await self.videos.put_file(
+            video.id, "hls-playlist", playlist_name, playlist_dest, resolution=resolution
+        )
+        async with self._lock(video.id):
+            await self._rebuild_master(video)
+            if job.private_payload.get("deleteWebVideoFiles"):
+                await self._drop_web_videos_when_hls_is_done(job, video)
+
+    async def _caption(self, job: Job, result: JobResult, video: Video) -> None:
+        language = _language(result.fields.get("inputLanguage"), job.private_payload.get("language"))
+        name = caption_name(video.uuid, language)
+        dest = self.storage.video_dir(video.uuid) / name
+        src = self._result_file(job, result, "vttFile")
+        source = src if src.is_file() else dest
+        if not source.is_file():
+            raise ResultError(f"result file vttFile of job {job.uuid} is missing")
+        text = _read_text(source, _MAX_CAPTION_BYTES)
+        if not text.lstrip("\ufeff").startswith("WEBVTT"):
+            raise ResultError("the caption file is not WebVTT (no WEBVTT header)")
+        if source is src:
+            _move(src, dest)
+        await self.videos.put_file(video.id, "caption", name, dest, extra={"language": language})
+
+    async def _storyboard(self, job: Job, result: JobResult, video: Video) -> None:
+        name = storyboard_name(video.uuid)
+        dest = self.storage.video_dir(video.uuid) / name
+        info = await self._take_media(job, result, "storyboardFile", dest, need_video=True)
+        assert info.video is not None
+        await self.videos.put_file(
+            video.id,
+            "storyboard",
+            name,
+            dest,
+            extra={
+                "sprites": job.payload.get("sprites"),
+                "width": info.video.width,
+                "height": info.video.height,
+            },
+        )
+
+    async def _studio(self, job: Job, result: JobResult, video: Video) -> None:
+        """The edited video becomes the source; producing its new outputs is the job of studio ingest."""
+        name = f"source-studio-{job.uuid}.mp4"
+        dest = self.storage.video_dir(video.uuid) / name
+        info = await self._take_media(job, result, "videoFile", dest)
+        await self.videos.put_file(
+            video.id,
+            "source",
+            name,
+            dest,
+            resolution=info.video.short_side if info.video else None,
+            fps=round(info.video.fps) if info.video else None,
+            extra=_media_extra(info),
+        )
+        older = [f for f in await self.videos.files(video.id) if f.kind == "source" and f.name != name]
+        await self._forget(older)
+
+    async def _nothing(self, job: Job, result: JobResult, video: Video) -> None:
+        return None
+
+    # ---------------------------------------------------------------- HLS assembly
+
+    async def _rebuild_master(self, video: Video) -> None:
+        """Write master.m3u8 from the recorded renditions. Each completion records its rendition before
+        rebuilding and checks after writing that no rendition appeared meanwhile (another process may
+        complete a sibling job), so the last writer always includes every rendition."""
+        path = self.storage.video_dir(video.uuid) / MASTER_PLAYLIST_NAME
+        for _ in range(10):
+            files = await self.videos.files(video.id)
+            before = _hls_signature(files)
+            playlists = {f.name for f in files if f.kind == "hls-playlist"}
+            renditions = [
+                r
+                for f in files
+                if f.kind == "hls-video"
+                and (r := Rendition.from_file(f)) is not None
+                and r.playlist in playlists
+            ]
+            write_atomically(path, build_master_playlist(renditions).encode())
+            await self.videos.put_file(video.id, "hls-master", MASTER_PLAYLIST_NAME, path)
+            if _hls_signature(await self.videos.files(video.id)) == before:
+                return
+        log.warning("master playlist of video %s kept changing; left as last written", video.uuid)
+
+    async def _drop_web_videos_when_hls_is_done(self, job: Job, video: Video) -> None:
+        """HLS-only mode: once every HLS job of the video has delivered, its web videos go."""
+        async with self.videos.db.read() as conn:
+            states = list(
+                (
+                    await conn.execute(
+                        select(jobs.c.state).where(
+                            jobs.c.video_id == video.id,
+                            jobs.c.type == str(JobType.VOD_HLS),
+                            jobs.c.id != job.id,
+                        )
+                    )
+                ).scalars()
+            )
+        if any(state not in (JobState.COMPLETED, JobState.COMPLETING) for state in states):
+            return
+        web = [f for f in await self.videos.files(video.id) if f.kind == "web-video"]
+        if web:
+            log.info("video %s: HLS renditions are complete; removing %d web video(s)", video.uuid, len(web))
+        await self._forget(web)
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _video_of(self, job: Job) -> Video:
+        video = await self.videos.by_id(job.video_id) if job.video_id is not None else None
+        if video is None and isinstance(job.private_payload.get("videoUUID"), str):
+            video = await self.videos.by_uuid(job.private_payload["videoUUID"])
+        if video is None:
+            raise ResultError(f"the video of job {job.uuid} no longer exists")
+        return video
+
+    def _result_file(self, job: Job, result: JobResult, field: str) -> Path:
+        relative = result.files.get(field)
+        if relative is None:
+            raise ResultError(f"the result of job {job.uuid} has no {field}")
+        return self.storage.resolve(relative)
+
+    async def _take_media(
+        self,
+        job: Job,
+        result: JobResult,
+        field: str,
+        dest: Path,
+        *,
+        need_video: bool = False,
+        need_audio: bool = False,
+    ) -> MediaInfo:
+        """Probe the result file (or, on a re-run, the file already moved to `dest`), check it holds what
+        the job promised, then move it to `dest`. Raises ProbeError / ResultError with the reason."""
+        src = self._result_file(job, result, field)
+        source = src if src.is_file() else dest
+        if not source.is_file():
+            raise ResultError(f"result file {field} of job {job.uuid} is missing")
+        info = await probe(source)
+        if need_video and info.video is None:
+            raise ResultError(f"{field} of job {job.uuid} has no video stream")
+        if need_audio and info.audio is None:
+            raise ResultError(f"{field} of job {job.uuid} has no audio stream")
+        if info.video is None and info.audio is None:
+            raise ResultError(f"{field} of job {job.uuid} has no audio or video stream")
+        if source is src:
+            _move(src, dest)
+        return info
+
+    async def _forget(self, files: list[VideoFile]) -> None:
+        """Remove rows first, then files: a row never points at a missing file."""
+        if not files:
+            return
+        async with self.videos.db.write() as conn:
+            await conn.execute(delete(video_files).where(video_files.c.id.in_([f.id for f in files])))
+        for file in files:
+            try:
+                self.storage.resolve(file.path).unlink(missing_ok=True)
+            except (OSError, ValueError) as exc:
+                log.warning("could not remove %s: %s", file.path, exc)
+
+    def _lock(self, video_id: int) -> asyncio.Lock:
+        lock = self._locks.get(video_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[video_id] = lock
+        return lock
+
+
+def _move(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+
+
+def _read_text(path: Path, limit: int) -> str:
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ResultError(f"{path.name} is larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ResultError(f"{path.name} is not UTF-8 text") from exc
+
+
+def _language(detected: Any, asked: Any) -> str:
+    for value in (detected, asked):
+        if isinstance(value, str) and _LANGUAGE.match(value.strip()):
+            return value.strip()
+    return UNKNOWN_LANGUAGE
+
+
+def _media_extra(info: MediaInfo) -> dict[str, Any]:
+    extra: dict[str, Any] = {
+        "durationS": info.duration_s,
+        "bitRate": info.bit_rate,
+        "codecs": hls_codecs_string(info),
+    }
+    if info.video is not None:
+        extra["width"] = info.video.display_width
+        extra["height"] = info.video.display_height
+    return extra
+
+
+def _hls_signature(files: list[VideoFile]) -> frozenset[tuple[str, str, int]]:
+    return frozenset((f.kind, f.name, f.id) for f in files if f.kind in ("hls-video", "hls-playlist"))

@@ -1,7 +1,546 @@
-"""Ingest API: submit a video, follow its jobs, fetch its outputs."""
+"""Ingest API: submit a video, follow its jobs, fetch its outputs.
+
+Admin endpoints (bearer admin token):
+
+    POST   /api/v1/videos              multipart upload → 200 {"video": {"id", "uuid"}}
+    GET    /api/v1/videos              ?start&count&sort=(-)createdAt → {"total", "data": [video…]}
+    GET    /api/v1/videos/{id|uuid}    the video JSON (state, jobs, source, outputs)
+    DELETE /api/v1/videos/{id|uuid}    its jobs (cancelled first), rows and files → 204
+
+Upload fields: `videofile` (the file), and optional `name`, `resolutions` (comma list), `hls`, `webVideo`,
+`splitAudio`, `storyboard` (booleans), `transcription` (boolean or a language code), `previewfile` (an
+image; an audio upload without one gets a generated still). The upload is streamed to disk, probed, and
+refused with 400 and the probe's reason when it is not media; nothing is kept then.
+
+Public static files (no token, like PeerTube's): see `video_outputs` for the URL of each kind. A URL only
+ever reaches a file recorded for that video, of that kind, inside that video's folder.
+
+A video's state is derived from its jobs: `processing` while one is not final, then `failed` when one
+errored (or its parent did), `cancelled` when one was cancelled, else `published`.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import logging
+import re
+import time
+import uuid as uuidlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final
 
-routes: list[BaseRoute] = []
+from sqlalchemy import delete, func, insert, select
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from tuberunner.coordinator.bodies import UploadedFile, read_body
+from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
+from tuberunner.coordinator.file_responses import file_response
+from tuberunner.coordinator.job_graph import GraphOptions, build_job_graph, is_audio_upload
+from tuberunner.coordinator.models import Job, iso
+from tuberunner.coordinator.problems import BadRequest, NotFound, PayloadTooLarge, invalid_params
+from tuberunner.coordinator.schema import jobs, video_files, videos
+from tuberunner.coordinator.video_outputs import STATIC_FOLDERS, outputs_json
+from tuberunner.coordinator.videos import Video, VideoFile
+from tuberunner.media.binaries import find_ffmpeg
+from tuberunner.media.errors import MediaError, ProbeError
+from tuberunner.media.probe import MediaInfo, probe
+from tuberunner.media.process import run_ffmpeg
+from tuberunner.media.profiles import VOD_RESOLUTIONS
+from tuberunner.protocol.errors import Message
+from tuberunner.protocol.jobs import JobState
+
+log = logging.getLogger(__name__)
+
+_FILE_FIELDS: Final = frozenset({"videofile", "previewfile"})
+# Room for the multipart framing and text fields around the file(s) in a declared Content-Length.
+_MULTIPART_OVERHEAD_BYTES: Final = 1024 * 1024
+_BOOLEANS: Final = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False}
+_LANGUAGE: Final = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
+_SUFFIX: Final = re.compile(r"^\.[a-z0-9]{1,8}$")
+_STATIC_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_WEB_VIDEO_NAME: Final = re.compile(r"^([0-9a-f-]{36})-\d{1,5}\.mp4$")
+_NAME_MAX: Final = 255
+# ASCII digits only (`str.isdigit` also takes '²', which `int` refuses), bounded for `int`.
+_DIGITS: Final = re.compile(r"^[0-9]{1,18}$")
+# The still an audio upload is merged with when it brings none: 854x480 keeps the merged video at 480p.
+_PREVIEW_SIZE: Final = "854x480"
+_PREVIEW_COLOR: Final = "0x202020"
+_FFMPEG_TIMEOUT_S: Final = 60.0
+_MAX_ROW_ID: Final = 2**31 - 1
+_DEFAULT_COUNT: Final = 15
+_MAX_COUNT: Final = 100
+
+# Internal JobState names → the keys of the `jobs.byState` summary.
+_STATE_KEYS: Final = {state: state.name.lower() for state in JobState}
+
+
+# ------------------------------------------------------------------------------------------ upload
+
+
+async def upload_video(request: Request) -> Response:
+    c = coordinator_of(request)
+    c.admin.check(request)
+    limit = c.config.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and _DIGITS.match(declared) and int(declared) > limit + _MULTIPART_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"Upload is larger than {limit} bytes")
+    async with read_body(
+        request,
+        uploads_dir=c.config.uploads_dir,
+        max_json_bytes=c.config.max_json_body_bytes,
+        max_upload_bytes=limit,
+        file_fields=_FILE_FIELDS,
+    ) as body:
+        upload = body.files.get("videofile")
+        if upload is None:
+            raise invalid_params(["videofile"], {"videofile": "A video or audio file is required"})
+        options = parse_options(c.config, body.fields)
+        name = _video_name(body.fields, upload.filename)
+        info = await _probe_upload(upload.path, "videofile")
+        preview = body.files.get("previewfile")
+        preview_info = await _probe_upload(preview.path, "previewfile") if preview is not None else None
+        if preview_info is not None and preview_info.video is None:
+            raise BadRequest("previewfile is not an image")
+        video_uuid = str(uuidlib.uuid4())
+        try:
+            specs = build_job_graph(video_uuid, info, options)
+        except ValueError as exc:
+            raise BadRequest(f"Cannot transcode this file: {exc}") from exc
+        video_id = await _store(c, video_uuid, name, upload, info, preview, options, specs)
+    log.info("video %s (%s) ingested with %d job(s)", video_uuid, name, len(specs))
+    return JSONResponse({"video": {"id": video_id, "uuid": video_uuid}})
+
+
+async def _probe_upload(path: Path, field: str) -> MediaInfo:
+    try:
+        info = await probe(path)
+    except ProbeError as exc:
+        reason = str(exc).split(": ", 1)[-1] if str(exc).startswith(path.name) else str(exc)
+        raise BadRequest(f"{field} is not a usable video or audio file: {reason}") from exc
+    if field == "videofile" and info.audio is None and (info.video is None or info.duration_s <= 0):
+        raise BadRequest(f"{field} is not a usable video or audio file: a still image has no duration")
+    return info
+
+
+async def _store(
+    c: Coordinator,
+    video_uuid: str,
+    name: str,
+    upload: UploadedFile,
+    info: MediaInfo,
+    preview: UploadedFile | None,
+    options: GraphOptions,
+    specs: Sequence[Any],
+) -> int:
+    """Move the files in, insert the rows, create the jobs; on any failure undo all of it."""
+    folder = c.storage.video_dir(video_uuid)
+    video_id: int | None = None
+    try:
+        source = folder / f"source{_safe_suffix(upload.filename)}"
+        upload.move_to(source)
+        preview_path: Path | None = None
+        if preview is not None:
+            preview_path = folder / f"preview{_safe_suffix(preview.filename, '.jpg')}"
+            preview.move_to(preview_path)
+        elif is_audio_upload(info):
+            preview_path = await _make_preview(source, info, folder / "preview.jpg")
+        now = time.time()
+        async with c.db.write() as conn:
+            inserted = await conn.execute(
+                insert(videos).values(
+                    uuid=video_uuid,
+                    name=name,
+                    state="processing",
+                    options=_options_json(options),
+                    source=_source_json(info, upload),
+                    error=None,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            key = inserted.inserted_primary_key
+            assert key is not None
+            video_id = int(key[0])
+        short_side = info.video.short_side if info.video is not None and not is_audio_upload(info) else None
+        await c.videos.put_file(
+            video_id,
+            "source",
+            source.name,
+            source,
+            resolution=short_side,
+            fps=round(info.video.fps) if short_side is not None and info.video is not None else None,
+        )
+        if preview_path is not None:
+            await c.videos.put_file(video_id, "preview", preview_path.name, preview_path)
+        await c.jobs.create(video_id, specs)
+    except BaseException:
+        if video_id is not None:
+            async with c.db.write() as conn:
+                await conn.execute(delete(videos).where(videos.c.id == video_id))
+        c.storage.remove_tree(folder)
+        raise
+    return video_id
+
+
+async def _make_preview(source: Path, info: MediaInfo, out: Path) -> Path:
+    """The cover art of an audio file when it has one, else a plain dark still."""
+    ffmpeg = find_ffmpeg()
+    prefix = ["-hide_banner", "-nostdin", "-y", "-loglevel", "error"]
+    still = ["-frames:v", "1", "-q:v", "3", "-update", "1", str(out)]
+    if info.video is not None:
+        try:
+            await run_ffmpeg(
+                ffmpeg,
+                [*prefix, "-protocol_whitelist", "file,pipe", "-i", str(source), "-map", "0:v:0", *still],
+                duration_s=None,
+                max_duration_s=_FFMPEG_TIMEOUT_S,
+            )
+            return out
+        except MediaError as exc:
+            log.warning("cannot extract the cover art of %s (%s); using a plain still", source, exc)
+    await run_ffmpeg(
+        ffmpeg,
+        [*prefix, "-f", "lavfi", "-i", f"color=c={_PREVIEW_COLOR}:size={_PREVIEW_SIZE}:rate=1", *still],
+        duration_s=None,
+        max_duration_s=_FFMPEG_TIMEOUT_S,
+    )
+    return out
+
+
+def _safe_suffix(filename: str, default: str = "") -> str:
+    """The client's extension if it is a plain one (`.mp4`), else `default`: a hint for humans and
+    for ffmpeg's demuxer guess, never a path component."""
+    suffix = Path(filename).suffix.lower() if filename else ""
+    return suffix if _SUFFIX.match(suffix) else default
+
+
+def _video_name(fields: Mapping[str, Any], filename: str) -> str:
+    value = fields.get("name")
+    if value is None or value == "":
+        stem = Path(filename).stem.strip() if filename else ""
+        return (stem or "video")[:_NAME_MAX]
+    if not isinstance(value, str) or not value.strip() or len(value) > _NAME_MAX:
+        raise invalid_params(["name"], {"name": f"A name of 1 to {_NAME_MAX} characters"})
+    return value.strip()
+
+
+def parse_options(config: CoordinatorConfig, fields: Mapping[str, Any]) -> GraphOptions:
+    """Upload fields → graph options; defaults from the configuration; 400 naming every bad field."""
+    bad: dict[str, str] = {}
+
+    def boolean(name: str, default: bool) -> bool:
+        value = fields.get(name)
+        if value is None or value == "":
+            return default
+        if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[value.strip().lower()]
+        bad[name] = "true or false"
+        return default
+
+    resolutions = config.resolutions
+    raw = fields.get("resolutions")
+    if raw is not None and raw != "":
+        allowed = {r for r in VOD_RESOLUTIONS if r > 0}
+        try:
+            if not isinstance(raw, str):
+                raise ValueError(raw)
+            parsed = tuple(sorted({int(part) for part in raw.split(",") if part.strip()}, reverse=True))
+            if not parsed or not set(parsed) <= allowed:
+                raise ValueError(raw)
+            resolutions = parsed
+        except ValueError:
+            bad["resolutions"] = "comma-separated values among " + ",".join(map(str, sorted(allowed)))
+
+    transcription, language = False, None
+    raw = fields.get("transcription")
+    if isinstance(raw, str) and raw.strip().lower() in _BOOLEANS:
+        transcription = _BOOLEANS[raw.strip().lower()]
+    elif isinstance(raw, str) and _LANGUAGE.match(raw.strip()):
+        transcription, language = True, raw.strip()
+    elif raw is not None and raw != "":
+        bad["transcription"] = "true, false or a language code"
+
+    options = GraphOptions(
+        resolutions=resolutions,
+        hls=boolean("hls", config.hls),
+        web_video=boolean("webVideo", config.web_video),
+        split_audio=boolean("splitAudio", config.split_audio),
+        transcription=transcription,
+        transcription_language=language,
+        storyboard=boolean("storyboard", True),
+    )
+    if not bad and not (options.hls or options.web_video):
+        bad["hls"] = bad["webVideo"] = "at least one of hls and webVideo must be true"
+    if bad:
+        raise invalid_params(list(bad), bad)
+    return options
+
+
+def _options_json(options: GraphOptions) -> dict[str, Any]:
+    return {
+        "resolutions": list(options.resolutions),
+        "hls": options.hls,
+        "webVideo": options.web_video,
+        "splitAudio": options.split_audio,
+        "transcription": options.transcription,
+        "transcriptionLanguage": options.transcription_language,
+        "storyboard": options.storyboard,
+    }
+
+
+def _source_json(info: MediaInfo, upload: UploadedFile) -> dict[str, Any]:
+    return {
+        "filename": (upload.filename or "")[:_NAME_MAX],
+        "size": info.size_bytes,
+        "formatName": info.format_name,
+        "durationS": info.duration_s,
+        "bitRate": info.bit_rate,
+        "audioOnly": is_audio_upload(info),
+        "video": asdict(info.video) if info.video is not None else None,
+        "audio": asdict(info.audio) if info.audio is not None else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------ reads
+
+
+async def get_video(request: Request) -> Response:
+    c = coordinator_of(request)
+    c.admin.check(request)
+    video = await _find_video(c, request.path_params["video_id"])
+    rows = await _jobs_of(c, [video.id])
+    files = await c.videos.files(video.id)
+    return JSONResponse(video_json(base_url_of(request), video, rows.get(video.id, []), files, details=True))
+
+
+async def list_videos(request: Request) -> Response:
+    c = coordinator_of(request)
+    c.admin.check(request)
+    start, count, descending = _pagination(request)
+    async with c.db.read() as conn:
+        total = (await conn.execute(select(func.count()).select_from(videos))).scalar_one()
+        order = (
+            (videos.c.created_at.desc(), videos.c.id.desc())
+            if descending
+            else (videos.c.created_at, videos.c.id)
+        )
+        page = [
+            Video.from_row(r)
+            for r in (
+                await conn.execute(select(videos).order_by(*order).offset(start).limit(count))
+            ).mappings()
+        ]
+        ids = [v.id for v in page]
+        file_rows = (
+            (
+                await conn.execute(
+                    select(video_files).where(video_files.c.video_id.in_(ids)).order_by(video_files.c.id)
+                )
+            )
+            .mappings()
+            .all()
+            if ids
+            else []
+        )
+    files: dict[int, list[VideoFile]] = {}
+    for row in file_rows:
+        files.setdefault(row["video_id"], []).append(VideoFile.from_row(row))
+    job_rows = await _jobs_of(c, ids)
+    base_url = base_url_of(request)
+    data = [video_json(base_url, v, job_rows.get(v.id, []), files.get(v.id, []), details=False) for v in page]
+    return JSONResponse({"total": total, "data": data})
+
+
+def _pagination(request: Request) -> tuple[int, int, bool]:
+    params = request.query_params
+    bad = []
+    start, count = 0, _DEFAULT_COUNT
+    if "start" in params:
+        start = int(params["start"]) if _DIGITS.match(params["start"]) else -1
+        if start < 0:
+            bad.append("start")
+    if "count" in params:
+        count = int(params["count"]) if _DIGITS.match(params["count"]) else -1
+        if not 0 <= count <= _MAX_COUNT:
+            bad.append("count")
+    sort = params.get("sort", "-createdAt")
+    if sort not in ("createdAt", "-createdAt"):
+        bad.append("sort")
+    if bad:
+        raise invalid_params(bad)
+    return start, count, sort.startswith("-")
+
+
+async def _find_video(c: Coordinator, ident: str) -> Video:
+    video: Video | None = None
+    if _DIGITS.match(ident) and int(ident) <= _MAX_ROW_ID:
+        video = await c.videos.by_id(int(ident))
+    elif _is_uuid(ident):
+        video = await c.videos.by_uuid(ident)
+    if video is None:
+        raise NotFound(Message.VIDEO_NOT_FOUND)
+    return video
+
+
+async def _jobs_of(c: Coordinator, video_ids: list[int]) -> dict[int, list[Job]]:
+    if not video_ids:
+        return {}
+    async with c.db.read() as conn:
+        rows = (
+            (await conn.execute(select(jobs).where(jobs.c.video_id.in_(video_ids)).order_by(jobs.c.id)))
+            .mappings()
+            .all()
+        )
+    found: dict[int, list[Job]] = {}
+    for row in rows:
+        job = Job.from_row(row)
+        assert job.video_id is not None
+        found.setdefault(job.video_id, []).append(job)
+    return found
+
+
+def video_state(states: Sequence[JobState]) -> str:
+    if any(not s.is_final for s in states):
+        return "processing"
+    if any(s in (JobState.ERRORED, JobState.PARENT_ERRORED) for s in states):
+        return "failed"
+    if any(s in (JobState.CANCELLED, JobState.PARENT_CANCELLED) for s in states):
+        return "cancelled"
+    return "published"
+
+
+def video_json(
+    base_url: str, video: Video, video_jobs: list[Job], files: list[VideoFile], *, details: bool
+) -> dict[str, Any]:
+    by_id = {j.id: j for j in video_jobs}
+    errors = [
+        {"job": j.uuid, "type": str(j.type), "message": j.error}
+        for j in video_jobs
+        if j.state == JobState.ERRORED and j.error
+    ]
+    summary: dict[str, Any] = {
+        "total": len(video_jobs),
+        "byState": dict(Counter(_STATE_KEYS[j.state] for j in video_jobs)),
+    }
+    if details:
+        summary["list"] = [_job_json(j, by_id) for j in video_jobs]
+    return {
+        "id": video.id,
+        "uuid": video.uuid,
+        "name": video.name,
+        "state": video_state([j.state for j in video_jobs]),
+        "error": "; ".join(e["message"] for e in errors) or None,
+        "errors": errors,
+        "createdAt": iso(video.created_at),
+        "updatedAt": iso(max([video.updated_at, *(j.updated_at for j in video_jobs)])),
+        "options": video.options,
+        "source": video.source,
+        "jobs": summary,
+        "outputs": outputs_json(base_url, video.uuid, files),
+    }
+
+
+def _job_json(job: Job, by_id: Mapping[int, Job]) -> dict[str, Any]:
+    output = job.payload.get("output")
+    parent = by_id.get(job.parent_id) if job.parent_id is not None else None
+    return {
+        "uuid": job.uuid,
+        "type": str(job.type),
+        "state": job.state.as_json(),
+        "priority": job.priority,
+        "progress": job.progress,
+        "failures": job.failures,
+        "error": job.error,
+        "resolution": output.get("resolution") if isinstance(output, dict) else None,
+        "fps": output.get("fps") if isinstance(output, dict) else None,
+        "parentUuid": parent.uuid if parent else None,
+        "startedAt": iso(job.started_at),
+        "finishedAt": iso(job.finished_at),
+    }
+
+
+# ------------------------------------------------------------------------------------------ delete
+
+
+async def delete_video(request: Request) -> Response:
+    c = coordinator_of(request)
+    c.admin.check(request)
+    video = await _find_video(c, request.path_params["video_id"])
+    video_jobs = (await _jobs_of(c, [video.id])).get(video.id, [])
+    ids = {j.id for j in video_jobs}
+    # Deleting a root cancels it (runners holding it get 404) and its descendants go by cascade.
+    for job in video_jobs:
+        if job.parent_id is None or job.parent_id not in ids:
+            await c.jobs.delete(job)
+    for job in video_jobs:
+        c.storage.remove_tree(c.storage.results_of(job.uuid))
+    async with c.db.write() as conn:
+        await conn.execute(delete(videos).where(videos.c.id == video.id))
+    c.storage.remove_tree(c.storage.video_dir(video.uuid))
+    log.info("video %s deleted with %d job(s)", video.uuid, len(video_jobs))
+    return Response(status_code=204)
+
+
+# ------------------------------------------------------------------------------------------ static
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuidlib.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def _static(folder: str) -> Any:
+    kinds = STATIC_FOLDERS[folder]
+
+    async def serve(request: Request) -> Response:
+        c = coordinator_of(request)
+        filename = str(request.path_params["filename"])
+        if folder == "web-videos":
+            match = _WEB_VIDEO_NAME.match(filename)
+            video_uuid = match.group(1) if match else ""
+        else:
+            video_uuid = str(request.path_params["video_uuid"])
+        if not (_is_uuid(video_uuid) and _STATIC_NAME.match(filename) and ".." not in filename):
+            raise NotFound("File not found")
+        video = await c.videos.by_uuid(video_uuid)
+        if video is None:
+            raise NotFound("File not found")
+        file = next(
+            (f for f in await c.videos.files(video.id) if f.kind in kinds and f.name == filename), None
+        )
+        if file is None:
+            raise NotFound("File not found")
+        try:
+            path = c.storage.resolve(file.path)
+        except ValueError:
+            raise NotFound("File not found") from None
+        if not path.is_relative_to(c.storage.video_dir(video_uuid).resolve()) or not path.is_file():
+            raise NotFound("File not found")
+        response = file_response(path, request.headers.get("range"))
+        response.headers["access-control-allow-origin"] = "*"
+        if path.suffix == ".m3u8":
+            response.headers["cache-control"] = "no-cache"
+        return response
+
+    return serve
+
+
+routes: list[BaseRoute] = [
+    Route("/api/v1/videos", upload_video, methods=["POST"]),
+    Route("/api/v1/videos", list_videos, methods=["GET"]),
+    Route("/api/v1/videos/{video_id}", get_video, methods=["GET"]),
+    Route("/api/v1/videos/{video_id}", delete_video, methods=["DELETE"]),
+    Route("/static/web-videos/{filename}", _static("web-videos"), methods=["GET"]),
+    *(
+        Route(f"/static/{folder}/{{video_uuid}}/{{filename}}", _static(folder), methods=["GET"])
+        for folder in STATIC_FOLDERS
+        if folder != "web-videos"
+    ),
+]

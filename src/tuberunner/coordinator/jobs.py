@@ -306,17 +306,13 @@ class JobService:
                 )
             )
             if updated.rowcount != 1:
-                current = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().first()
-                duplicate = current is not None and Job.from_row(current).processing_job_token == (
-                    job.processing_job_token
-                )
-                if not (duplicate and current is not None and self.is_retried_success(Job.from_row(current))):
-                    self._discard(result)
-                    await self._explain_lost(conn, job)
-        if updated.rowcount != 1:
-            # A concurrent copy of this same `success` got there first: answer as for a retry.
-            self._discard(result)
-            return
+                self._discard(result)
+                row = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().first()
+                current = Job.from_row(row) if row else None
+                same_call = current is not None and current.processing_job_token == job.processing_job_token
+                if same_call and current is not None and self.is_retried_success(current):
+                    return  # a concurrent copy of this same `success` got there first: as for a retry
+                await self._explain_lost(conn, job)
         task = self._start_completion(job.id)
         try:
             await asyncio.wait_for(asyncio.shield(task), SUCCESS_WAIT_S)
