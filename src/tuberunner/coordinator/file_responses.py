@@ -10,6 +10,7 @@ import mimetypes
 import os
 import re
 from collections.abc import AsyncIterator
+from email.utils import formatdate
 from pathlib import Path
 
 import anyio
@@ -28,8 +29,14 @@ def media_type_for(path: Path) -> str:
 
 
 def file_response(path: Path, range_header: str | None, *, media_type: str | None = None) -> Response:
-    size = os.stat(path).st_size
-    headers = {"accept-ranges": "bytes"}
+    stat = os.stat(path)
+    size = stat.st_size
+    # Lets a runner tell whether a cached input is still the file we serve (same size is not enough).
+    headers = {
+        "accept-ranges": "bytes",
+        "etag": f'W/"{size:x}-{stat.st_mtime_ns:x}"',
+        "last-modified": formatdate(stat.st_mtime, usegmt=True),
+    }
     media_type = media_type or media_type_for(path)
     start, end = 0, size
     status = 200
