@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -75,6 +76,90 @@ def coordinator_serve(
         ws="websockets-sansio",
         timeout_graceful_shutdown=10,
     )
+
+
+registration_token_app = typer.Typer(help="Registration tokens of a coordinator.", no_args_is_help=True)
+coordinator_app.add_typer(registration_token_app, name="registration-token")
+_Url = Annotated[str, typer.Option("--url", help="Coordinator URL")]
+_Token = Annotated[
+    str | None, typer.Option("--admin-token", envvar="TUBERUNNER_ADMIN_TOKEN", help="Admin token")
+]
+DEFAULT_URL = "http://127.0.0.1:9000"
+
+
+def _fail(exc: Exception) -> NoReturn:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1) from exc
+
+
+@coordinator_app.command("submit")
+def coordinator_submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    url: _Url = DEFAULT_URL,
+    admin_token: _Token = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    resolutions: Annotated[str | None, typer.Option("--resolutions", help="e.g. 720,480")] = None,
+    hls: Annotated[bool | None, typer.Option("--hls/--no-hls")] = None,
+    web_video: Annotated[bool | None, typer.Option("--web-video/--no-web-video")] = None,
+    split_audio: Annotated[bool | None, typer.Option("--split-audio/--no-split-audio")] = None,
+    transcription: Annotated[
+        str | None, typer.Option("--transcription", help="true, false or a language")
+    ] = None,
+    storyboard: Annotated[bool | None, typer.Option("--storyboard/--no-storyboard")] = None,
+    preview: Annotated[Path | None, typer.Option("--preview", exists=True, dir_okay=False)] = None,
+) -> None:
+    """Upload a video or audio file; prints the new video's id (uuid)."""
+    from tuberunner.coordinator import ingest_client as ic
+
+    try:
+        ladder = [int(r) for r in resolutions.split(",")] if resolutions else None
+    except ValueError:
+        raise typer.BadParameter("comma-separated integers", param_hint="--resolutions") from None
+    try:
+        video = ic.submit(
+            url,
+            ic.resolve_admin_token(admin_token),
+            file,
+            name=name,
+            resolutions=ladder,
+            hls=hls,
+            web_video=web_video,
+            split_audio=split_audio,
+            transcription=transcription,
+            storyboard=storyboard,
+            preview=preview,
+        )
+    except ic.ClientError as exc:
+        _fail(exc)
+    typer.echo(video["uuid"])
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    video_id: Annotated[str, typer.Argument(help="Video id or uuid")],
+    url: _Url = DEFAULT_URL,
+    admin_token: _Token = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a video's state, jobs and outputs."""
+    from tuberunner.coordinator import ingest_client as ic
+
+    try:
+        video = ic.video_status(url, ic.resolve_admin_token(admin_token), video_id)
+    except ic.ClientError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(video, indent=2) if as_json else ic.format_status(video))
+
+
+@registration_token_app.command("create")
+def registration_token_create(url: _Url = DEFAULT_URL, admin_token: _Token = None) -> None:
+    """Generate a registration token and print it."""
+    from tuberunner.coordinator import ingest_client as ic
+
+    try:
+        typer.echo(ic.create_registration_token(url, ic.resolve_admin_token(admin_token)))
+    except ic.ClientError as exc:
+        _fail(exc)
 
 
 def main() -> None:

@@ -68,8 +68,6 @@ class Coordinator:
                 name="contact-flush",
             ),
         ]
-        # Runners connected before a restart ask by themselves; a ping covers the others.
-        self._ping()
 
     async def stop(self) -> None:
         for task in self._tasks:
