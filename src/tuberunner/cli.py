@@ -53,6 +53,14 @@ def coordinator_serve(
         str | None, typer.Option("--public-url", help="URL runners use to reach this coordinator")
     ] = None,
     lease: Annotated[float, typer.Option("--lease", help="Seconds a job lives without an update")] = 120.0,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            envvar="TUBERUNNER_REDIS_URL",
+            help="Redis shared by several coordinator processes on one PostgreSQL database",
+        ),
+    ] = None,
 ) -> None:
     """Serve the runner, admin and ingest APIs."""
     import uvicorn
@@ -66,7 +74,7 @@ def coordinator_serve(
         public_url=public_url,
         default_lease_s=lease,
         admin_token=os.environ.get("TUBERUNNER_ADMIN_TOKEN") or None,
-        redis_url=os.environ.get("TUBERUNNER_REDIS_URL") or None,
+        redis_url=redis_url,
     )
     uvicorn.run(
         create_app(config),

@@ -29,6 +29,8 @@ class CoordinatorConfig:
     max_json_body_bytes: int = 500 * 1024
     # `available-jobs` pings are coalesced over this window.
     ping_debounce_s: float = 0.02
+    # The in-memory pending view is re-read at least this often (other processes may change jobs).
+    view_ttl_s: float = 2.0
     # In-memory lastContact values are written to the database this often.
     last_contact_flush_s: float = 5.0
     admin_token: str | None = None

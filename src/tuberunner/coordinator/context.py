@@ -9,6 +9,7 @@ from contextlib import suppress
 from starlette.requests import Request
 
 from tuberunner.coordinator.admin_auth import AdminAuth, announce_new_token
+from tuberunner.coordinator.change_bus import ChangeBus
 from tuberunner.coordinator.completion import VideoCompleter
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.database import Database
@@ -34,12 +35,21 @@ class Coordinator:
         )
         self.runners = RunnerRegistry(self.db, self.jobs)
         self.notifier = Notifier(self.runners, config.ping_debounce_s, config.redis_url)
-        self.runners.on_removed = self.notifier.disconnect_runners
+        # With Redis, several coordinator processes share the database and tell each other what changed.
+        self.bus = ChangeBus(config.redis_url) if config.redis_url else None
+        self.runners.on_removed = self._runners_removed
+        if self.bus is not None:
+            self.jobs.on_change = self.bus.jobs_changed
         self.admin = AdminAuth(self.db, config.admin_token)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _ping(self) -> None:
         self.notifier.available_jobs()
+
+    async def _runners_removed(self, runner_ids: set[int]) -> None:
+        await self.notifier.disconnect_runners(runner_ids)
+        if self.bus is not None:
+            await self.bus.runners_removed(runner_ids)
 
     async def start(self) -> None:
         self.config.files_dir.mkdir(parents=True, exist_ok=True)
@@ -53,9 +63,12 @@ class Coordinator:
             announce_new_token(created)
         await self.runners.ensure_registration_token()
         await self.jobs.extend_leases()
-        recovered = await self.jobs.recover_completions()
-        if recovered:
-            log.warning("redoing %d completion(s) interrupted by the last stop", recovered)
+        if self.bus is None:
+            # Alone on this database: every `completing` job was interrupted by our last stop. With
+            # other processes, the reaper takes only those whose completion lease expired.
+            recovered = await self.jobs.recover_completions()
+            if recovered:
+                log.warning("redoing %d completion(s) interrupted by the last stop", recovered)
         self._tasks = [
             asyncio.create_task(
                 run_forever(self.config.reaper_interval_s, self.jobs.reap_expired, "lease reaper"),
@@ -68,6 +81,13 @@ class Coordinator:
                 name="contact-flush",
             ),
         ]
+        if self.bus is not None:
+            self._tasks += [
+                asyncio.create_task(self.bus.publish_loop(), name="change-bus-publish"),
+                asyncio.create_task(
+                    self.bus.listen_loop(self.jobs.invalidate, self.runners.forget), name="change-bus-listen"
+                ),
+            ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -79,6 +99,8 @@ class Coordinator:
         with suppress(Exception):
             await self.runners.flush_contacts()
         await self.notifier.close()
+        if self.bus is not None:
+            await self.bus.close()
         await self.db.dispose()
 
 

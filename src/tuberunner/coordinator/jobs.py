@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tuberunner.coordinator.config import CoordinatorConfig
@@ -90,7 +92,10 @@ class JobService:
         self.completer = completer
         self.clock = clock
         self._pending: list[_Pending] | None = None
+        self._pending_loaded_at = 0.0
         self._pending_complete = False
+        # Called after every committed change (another coordinator process may need to know).
+        self.on_change: Callable[[], None] | None = None
         self._pending_lock = asyncio.Lock()
         self._answers: dict[tuple[str, frozenset[str] | None], bytes] = {}
         self._completions: dict[int, asyncio.Task[None]] = {}
@@ -132,6 +137,8 @@ class JobService:
 
     async def available_jobs_body(self, base_url: str, job_types: frozenset[str] | None) -> bytes:
         """The JSON answer of `jobs/request`, served from memory while no job changed state."""
+        if self._pending is not None and time.monotonic() - self._pending_loaded_at > self.config.view_ttl_s:
+            self.invalidate()  # a bound on staleness when another process changed jobs unannounced
         key = (base_url, job_types)
         cached = self._answers.get(key)
         if cached is not None:
@@ -183,14 +190,21 @@ class JobService:
         self._pending_complete = len(pending) <= _PENDING_CACHE_SIZE
         pending = pending[:_PENDING_CACHE_SIZE]
         self._pending = pending
+        self._pending_loaded_at = time.monotonic()
         return pending
+
+    def invalidate(self) -> None:
+        """Forget the in-memory pending view; the next `jobs/request` reads the database."""
+        self._pending = None
+        self._answers.clear()
 
     def _changed(self, *, new_pending: bool) -> None:
         """Call after every committed transition: drops the pending view, pings runners if needed."""
-        self._pending = None
-        self._answers.clear()
+        self.invalidate()
         if new_pending:
             self.notify_pending()
+        if self.on_change is not None:
+            self.on_change()
 
     # ---------------------------------------------------------------- creation
 
@@ -231,6 +245,15 @@ class JobService:
         """PENDING → PROCESSING for exactly one caller; the others get 409 with its code."""
         now = self.clock()
         token = new_job_token()
+        try:
+            row = await self._take(job, runner_id, token, now)
+        except IntegrityError as exc:
+            # The runner was removed by another coordinator process since its token was checked.
+            raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN) from exc
+        self._changed(new_pending=False)
+        return Job.from_row(row)
+
+    async def _take(self, job: Job, runner_id: int, token: str, now: float) -> RowMapping:
         async with self.db.write() as conn:
             result = await conn.execute(
                 update(jobs)
@@ -247,9 +270,7 @@ class JobService:
             )
             if result.rowcount != 1:
                 raise Conflict(Message.JOB_NOT_PENDING_ANYMORE, code=ErrorCode.JOB_NOT_IN_PENDING_STATE)
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().one()
-        self._changed(new_pending=False)
-        return Job.from_row(row)
+            return (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().one()
 
     async def update(self, job: Job, progress: int | None) -> None:
         """A heartbeat: renews the lease, stores progress. Never throttled, never dropped."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
 from typing import Any
 
 import socketio
@@ -77,3 +78,14 @@ class Notifier:
     async def close(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
+        # The Redis manager (several processes) listens in a task of its own and keeps a connection.
+        manager = self.sio.manager
+        listener = getattr(manager, "thread", None)
+        if isinstance(listener, asyncio.Task):
+            listener.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await listener
+        redis = getattr(manager, "redis", None)
+        if redis is not None:
+            with suppress(Exception):
+                await redis.aclose()

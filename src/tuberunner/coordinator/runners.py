@@ -35,11 +35,20 @@ class RunnerAuth:
 
 
 class RunnerRegistry:
-    def __init__(self, db: Database, jobs: JobService, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        jobs: JobService,
+        clock: Callable[[], float] = time.time,
+        *,
+        token_ttl_s: float = 10.0,
+    ) -> None:
         self.db = db
         self.jobs = jobs
         self.clock = clock
-        self._by_token: dict[str, RunnerAuth] = {}
+        # Another coordinator process may remove a runner; a cached token is re-checked after this long.
+        self.token_ttl_s = token_ttl_s
+        self._by_token: dict[str, tuple[RunnerAuth, float]] = {}
         self._contacts: dict[int, tuple[float, str | None]] = {}
         # Told which runners were removed (the notifier closes their sockets).
         self.on_removed: Callable[[set[int]], Awaitable[None]] | None = None
@@ -47,15 +56,15 @@ class RunnerRegistry:
     # ------------------------------------------------------------ lookups
 
     async def by_token(self, token: str) -> RunnerAuth | None:
-        auth = self._by_token.get(token)
-        if auth is not None:
-            return auth
+        cached = self._by_token.get(token)
+        if cached is not None and time.monotonic() - cached[1] < self.token_ttl_s:
+            return cached[0]
         async with self.db.read() as conn:
             row = (await conn.execute(select(runners).where(runners.c.token == token))).mappings().first()
         if row is None:
             return None
         auth = RunnerAuth(Runner(row["id"], row["name"], row["description"]), row["token"], row["version"])
-        self._by_token[token] = auth
+        self._by_token[token] = (auth, time.monotonic())
         return auth
 
     def touch(self, runner_id: int, ip: str | None) -> None:
@@ -126,7 +135,7 @@ class RunnerRegistry:
                 .where(runners.c.id == auth.runner.id)
                 .values(version=version, updated_at=self.clock())
             )
-        self._by_token[auth.token] = RunnerAuth(auth.runner, auth.token, version)
+        self._by_token[auth.token] = (RunnerAuth(auth.runner, auth.token, version), time.monotonic())
 
     async def remove(self, runner_ids: Iterable[int]) -> set[int]:
         """Delete runners; their processing jobs are re-queued in the same transaction (not left to die).
@@ -161,13 +170,17 @@ class RunnerRegistry:
         await self._removed(ids, requeued)
         return set(ids)
 
+    def forget(self, runner_ids: set[int]) -> None:
+        """Drop removed runners from memory (also called when another process removed them)."""
+        for token, (auth, _) in list(self._by_token.items()):
+            if auth.runner.id in runner_ids:
+                del self._by_token[token]
+        for rid in runner_ids:
+            self._contacts.pop(rid, None)
+
     async def _removed(self, ids: list[int], requeued: int) -> None:
         gone = set(ids)
-        for token, auth in list(self._by_token.items()):
-            if auth.runner.id in gone:
-                del self._by_token[token]
-        for rid in gone:
-            self._contacts.pop(rid, None)
+        self.forget(gone)
         self.jobs.runners_removed(requeued)
         if gone and self.on_removed is not None:
             try:
