@@ -11,10 +11,12 @@ from typing import Annotated, NoReturn
 import typer
 
 from tuberunner import __version__
+from tuberunner.runner import cli as runner_cli
 
 app = typer.Typer(help="Tuberunner: PeerTube-compatible remote runner and coordinator.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run or drive a coordinator.", no_args_is_help=True)
 app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(runner_cli.app)
 
 
 def _setup_logging(level: str) -> None:

@@ -92,6 +92,8 @@ class JobService:
         self.completer = completer
         self.clock = clock
         self._pending: list[_Pending] | None = None
+        # Bumped by every invalidation: a view read while a change committed is never kept.
+        self._generation = 0
         self._pending_loaded_at = 0.0
         self._pending_complete = False
         # Called after every committed change (another coordinator process may need to know).
@@ -143,6 +145,7 @@ class JobService:
         cached = self._answers.get(key)
         if cached is not None:
             return cached
+        generation = self._generation
         entries = await self._available(job_types)
         body = json.dumps(
             {
@@ -153,7 +156,7 @@ class JobService:
             },
             separators=(",", ":"),
         ).encode()
-        if self._pending is not None and len(self._answers) < 256:
+        if generation == self._generation and self._pending is not None and len(self._answers) < 256:
             self._answers[key] = body
         return body
 
@@ -179,6 +182,7 @@ class JobService:
             return [_Pending(r.uuid, r.type, r.payload) for r in rows]
 
     async def _load_pending(self) -> list[_Pending]:
+        generation = self._generation
         async with self.db.read() as conn:
             rows = await conn.execute(
                 select(jobs.c.uuid, jobs.c.type, jobs.c.payload)
@@ -187,14 +191,17 @@ class JobService:
                 .limit(_PENDING_CACHE_SIZE + 1)
             )
             pending = [_Pending(r.uuid, r.type, r.payload) for r in rows]
-        self._pending_complete = len(pending) <= _PENDING_CACHE_SIZE
+        complete = len(pending) <= _PENDING_CACHE_SIZE
         pending = pending[:_PENDING_CACHE_SIZE]
-        self._pending = pending
-        self._pending_loaded_at = time.monotonic()
+        if generation == self._generation:
+            self._pending = pending
+            self._pending_complete = complete
+            self._pending_loaded_at = time.monotonic()
         return pending
 
     def invalidate(self) -> None:
         """Forget the in-memory pending view; the next `jobs/request` reads the database."""
+        self._generation += 1
         self._pending = None
         self._answers.clear()
 
@@ -288,7 +295,7 @@ class JobService:
                 update(jobs).where(*self._held(job), jobs.c.state == JobState.PROCESSING).values(**values)
             )
             if result.rowcount != 1:
-                await self._explain_lost(conn, job)
+                await self._explain_lost(conn, job, done_is_fine=True)
 
     async def abort(self, job: Job) -> None:
         if job.type in NON_ABORTABLE_TYPES:
@@ -684,9 +691,10 @@ class JobService:
                 )
             frontier = children
 
-    async def _explain_lost(self, conn: AsyncConnection, job: Job) -> None:
+    async def _explain_lost(self, conn: AsyncConnection, job: Job, *, done_is_fine: bool = False) -> None:
         """A conditional UPDATE matched nothing: another call changed the job first. Answer as if this
-        call had come second (spec §3.11): the token is gone → 404, the state moved on → 400 + code."""
+        call had come second (spec §3.11): the token is gone → 404, the state moved on → 400 + code
+        (or nothing, for an update that crossed its own job's `success`)."""
         row = (
             (await conn.execute(select(jobs.c.state, jobs.c.processing_job_token).where(jobs.c.id == job.id)))
             .mappings()
@@ -694,6 +702,8 @@ class JobService:
         )
         if row is None or row["processing_job_token"] != job.processing_job_token:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
+        if done_is_fine and row["state"] in (JobState.COMPLETING, JobState.COMPLETED):
+            return
         raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
 
 

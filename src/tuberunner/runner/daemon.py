@@ -1,0 +1,206 @@
+"""`tuberunner server`: set up once (config, pid lock, ffmpeg, processors, input cache), then hand over to
+the Supervisor until a signal stops it.
+
+Exit codes: 0 stopped normally; 1 another daemon runs with this id; 2 setup error (configuration, ffmpeg
+missing or unusable, no processor for an enabled job type); 130 stopped at once by a second SIGINT.
+Signal handlers only set the supervisor's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuberunner import __version__
+from tuberunner.media.binaries import check_ffmpeg, find_ffmpeg
+from tuberunner.media.errors import FfmpegUnavailable
+from tuberunner.runner.config import (
+    ConfigError,
+    ConfigFile,
+    InstanceConfig,
+    RunnerConfig,
+    with_enabled_job_types,
+)
+from tuberunner.runner.input_cache import InputCache
+from tuberunner.runner.job import AcceptedJob, InputFetcher, ProcessingSettings
+from tuberunner.runner.paths import RunnerPaths, official_config_file, runner_paths
+from tuberunner.runner.state import AlreadyRunning, PidLock
+from tuberunner.runner.supervisor import InputsFactory, JobClients, Supervisor, direct_inputs
+from tuberunner.runner.transfers import DownloadLimits
+
+__all__ = [
+    "EXIT_ALREADY_RUNNING",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_SETUP",
+    "DaemonOptions",
+    "config_reloader",
+    "run_daemon",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ALREADY_RUNNING = 1
+EXIT_SETUP = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    runner_id: str = "default"
+    config_file: Path | None = None
+    # `--enable-job`: replaces the configured job types (kept across config reloads).
+    enable_jobs: tuple[str, ...] = ()
+
+
+def config_reloader(
+    config_file: ConfigFile, enable_jobs: tuple[str, ...]
+) -> Callable[[], RunnerConfig | None]:
+    """What the daemon polls: the new settings when the file changed (mtime or size), else None."""
+    last = config_file.signature()
+
+    def reload() -> RunnerConfig | None:
+        nonlocal last
+        signature = config_file.signature()
+        if signature == last:
+            return None
+        last = signature
+        if signature is None:
+            log.warning("%s disappeared; keeping the current settings", config_file.path)
+            return None
+        log.info("%s changed; reloading it", config_file.path)
+        return with_enabled_job_types(config_file.load(), list(enable_jobs))
+
+    return reload
+
+
+def _load(config_file: ConfigFile, paths: RunnerPaths, options: DaemonOptions) -> RunnerConfig:
+    if config_file.ensure_exists():
+        log.info("created %s with the default settings", config_file.path)
+        official = official_config_file(paths.runner_id)
+        if official.exists():
+            log.warning(
+                "the official runner's configuration %s exists: `tuberunner import-config --id %s` takes "
+                "its registered instances and settings (stop the official runner first)",
+                official,
+                paths.runner_id,
+            )
+    try:
+        return with_enabled_job_types(config_file.load(), list(options.enable_jobs))
+    except ValueError as exc:
+        raise ConfigError("--enable-job", None, str(exc)) from None
+
+
+def _inputs(config: RunnerConfig, paths: RunnerPaths, clients: JobClients) -> InputsFactory:
+    limits = DownloadLimits(deadlines=config.deadlines())
+    if config.input_cache_max_bytes <= 0:
+        return direct_inputs(clients, limits)
+    cache = InputCache(
+        clients,
+        paths.inputs_dir,
+        max_bytes=config.input_cache_max_bytes,
+        max_idle_s=config.input_cache_max_idle_s,
+        limits=limits,
+    )
+
+    def factory(job: AcceptedJob, work_dir: Path) -> AbstractAsyncContextManager[InputFetcher]:
+        return cache.inputs_for(job)
+
+    return factory
+
+
+async def run_daemon(options: DaemonOptions) -> int:
+    paths = runner_paths(options.runner_id, config_file=options.config_file)
+    config_file = ConfigFile(paths.config_file)
+    try:
+        reload_config = config_reloader(config_file, options.enable_jobs)
+        config = _load(config_file, paths, options)
+    except (ConfigError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_SETUP
+    lock = PidLock(paths.pid_file)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        log.error("cannot start: %s (%s)", exc, paths.pid_file)
+        return EXIT_ALREADY_RUNNING
+    try:
+        return await _serve(config, paths, config_file, reload_config)
+    finally:
+        lock.release()
+
+
+async def _serve(
+    config: RunnerConfig,
+    paths: RunnerPaths,
+    config_file: ConfigFile,
+    reload_config: Callable[[], RunnerConfig | None],
+) -> int:
+    try:
+        ffmpeg = find_ffmpeg(config.ffmpeg_path)
+        capabilities = await check_ffmpeg(ffmpeg)
+    except FfmpegUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_SETUP
+    log.info("ffmpeg %s at %s", capabilities.version, ffmpeg)
+    settings = ProcessingSettings(
+        ffmpeg=ffmpeg,
+        threads=config.ffmpeg_threads,
+        nice=min(config.ffmpeg_nice, 19),
+        stall_timeout_s=config.stall_timeout_s,
+        max_duration_s=config.max_job_duration_s,
+        has_libfdk_aac=capabilities.has_libfdk_aac,
+    )
+    from tuberunner.runner.processors import PROCESSORS, supports
+
+    clients = JobClients()
+
+    def flag(instance: InstanceConfig) -> None:
+        config_file.set_needs_registration(instance.url, instance.runner_name, instance.runner_token)
+
+    try:
+        supervisor = Supervisor(
+            config,
+            work_dir=paths.work_dir,
+            processors=PROCESSORS,
+            supports=supports,
+            settings=settings,
+            runner_id=paths.runner_id,
+            version=__version__,
+            job_clients=clients,
+            inputs=_inputs(config, paths, clients),
+            state_file=paths.state_file,
+            reload_config=reload_config,
+            flag_instance=flag,
+        )
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_SETUP
+    if not config.instances:
+        log.warning(
+            "no instance is registered yet: `tuberunner register --id %s --url ... --registration-token ... "
+            "--runner-name ...` adds one; this daemon picks it up without a restart",
+            paths.runner_id,
+        )
+    log.info(
+        "runner %r started: %d instance(s), %d slot(s), job types %s",
+        paths.runner_id,
+        len(config.instances),
+        config.concurrency,
+        ", ".join(sorted(supervisor.job_types())),
+    )
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop)
+    loop.add_signal_handler(signal.SIGINT, supervisor.interrupt)
+    try:
+        clean = await supervisor.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+    return EXIT_OK if clean else EXIT_INTERRUPTED

@@ -1,0 +1,934 @@
+"""The job supervisor: one TaskGroup owning every long-lived task of the daemon (STYLE lessons 4-6, 10).
+
+    Supervisor.run ── TaskGroup
+        ├── per instance: check loop (poll + wake-ups) and socket notifier
+        ├── per job: the job task (inside one AsyncExitStack) and its heartbeat
+        ├── status-file writer, config-file watcher
+        └── fate reports (shielded from the job task's cancellation, bounded by a deadline)
+
+Discovery. Each instance has its own check loop and deadlines, so an unreachable, slow or rejecting
+instance delays no other. A loop wakes on a jittered poll timer, on socket (re)connections and pings, and
+when a slot frees up; a wake-up during a check sets the event again and causes one more check afterwards
+(coalesced, never dropped). `unknown_runner_token` flags the instance (config file, status, ERROR log) and
+stops its loops; the other instances go on.
+
+Jobs. Each job is a `JobRun` with a `JobPhase`; `JobRun.cancel(reason)` records a `CancelReason` before
+cancelling its task, and the end of the task reads that value to decide the report:
+
+    processor returns ─► success (retried on transient errors; after a retry, "not in processing state"
+                          means an earlier attempt got through) ─► done
+    processor raises  ─► error with its message (JobGone: nothing to report, the job is not ours)
+    cancel(GONE | LEASE_EXPIRED) ─► nothing to report: the server already took the job back
+    cancel(SHUTDOWN | INSTANCE_REMOVED) ─► abort, so the server hands the job out again at once
+
+Whatever the path, the exit stack stops the heartbeat, releases the inputs and deletes the work folder
+before the slot is freed. Reports run shielded, with `report_deadline_s`; a success being delivered is not
+interrupted by a shutdown either (only by the job being gone or its lease lost), and its retries stop
+after `report_deadline_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from tuberunner.protocol.errors import ErrorCode
+from tuberunner.protocol.jobs import JobType
+from tuberunner.runner.client import AvailableJob, InstanceClient, client_for
+from tuberunner.runner.config import InstanceConfig, RunnerConfig
+from tuberunner.runner.errors import (
+    JobGone,
+    RequestRejected,
+    RunnerError,
+    RunnerUnknown,
+    TransientError,
+)
+from tuberunner.runner.heartbeat import Heartbeat, Loss
+from tuberunner.runner.job import (
+    AcceptedJob,
+    InputFetcher,
+    JobContext,
+    JobOutput,
+    ProcessingSettings,
+    Processor,
+)
+from tuberunner.runner.notifier import SocketNotifier
+from tuberunner.runner.retry import RetryPolicy
+from tuberunner.runner.state import DaemonState, ErrorRecord, InstanceStatus, JobStatus, write_state
+from tuberunner.runner.transfers import DownloadLimits, InputDownloader
+
+__all__ = [
+    "CancelReason",
+    "ClientFactory",
+    "InputsFactory",
+    "InstanceWorker",
+    "JobClients",
+    "JobPhase",
+    "JobRun",
+    "Supervisor",
+    "SupportCheck",
+    "default_client",
+    "describe_failure",
+    "direct_inputs",
+]
+
+log = logging.getLogger(__name__)
+
+# How many recent errors the status file keeps.
+_ERRORS_KEPT = 20
+# Refused job uuids remembered per instance so each refusal is logged once, not on every poll.
+_REFUSALS_KEPT = 1000
+# The tail of a failure's stderr appended to an `error` message.
+_STDERR_LINES = 20
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+class JobPhase(StrEnum):
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    UPLOADING = "uploading"
+    # Cleaning up and reporting: cancellation is refused from here on.
+    FINISHING = "finishing"
+    DONE = "done"
+
+
+class CancelReason(Enum):
+    GONE = "the server took the job back"
+    LEASE_EXPIRED = "no update could be delivered for longer than the lease"
+    SHUTDOWN = "Runner stopped"
+    INSTANCE_REMOVED = "its instance was removed from the configuration"
+
+    @property
+    def aborts_on_server(self) -> bool:
+        """The server still thinks the job is ours: give it back so it is re-queued at once."""
+        return self in (CancelReason.SHUTDOWN, CancelReason.INSTANCE_REMOVED)
+
+
+_CANCELLABLE = frozenset({JobPhase.ACCEPTED, JobPhase.RUNNING, JobPhase.UPLOADING})
+
+
+# ------------------------------------------------------------------------------------------ parts
+
+
+SupportCheck = Callable[[JobType, Mapping[str, Any]], "str | None"]
+ClientFactory = Callable[[InstanceConfig, RunnerConfig], InstanceClient]
+
+
+class InputsFactory(Protocol):
+    """The input fetcher of one job, released when the job ends (cache references, partial files)."""
+
+    def __call__(self, job: AcceptedJob, work_dir: Path) -> AbstractAsyncContextManager[InputFetcher]: ...
+
+
+class JobClients:
+    """Which client holds each running job: the `InputSource` for downloads (each job downloads with its
+    own instance's client and tokens, even when several registrations share one URL)."""
+
+    def __init__(self) -> None:
+        self._by_job: dict[str, InstanceClient] = {}
+
+    def add(self, job: AcceptedJob, client: InstanceClient) -> None:
+        self._by_job[job.uuid] = client
+
+    def remove(self, job: AcceptedJob) -> None:
+        self._by_job.pop(job.uuid, None)
+
+    def open_input(
+        self, url: str, job: AcceptedJob, offset: int
+    ) -> AbstractAsyncContextManager[httpx.Response]:
+        client = self._by_job.get(job.uuid)
+        if client is None:
+            raise JobGone(f"job {job.uuid} is not running here any more")
+        return client.open_input(url, job, offset)
+
+
+def direct_inputs(clients: JobClients, limits: DownloadLimits | None = None) -> InputsFactory:
+    """Inputs downloaded into the job's own folder (no cache shared between jobs)."""
+
+    def factory(job: AcceptedJob, work_dir: Path) -> AbstractAsyncContextManager[InputFetcher]:
+        return nullcontext(InputDownloader(clients, job, work_dir, limits))
+
+    return factory
+
+
+def default_client(instance: InstanceConfig, config: RunnerConfig) -> InstanceClient:
+    return client_for(instance.url, instance.runner_token, config)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The `error` message for a failed job: our classes' message, else `Type: message`; plus the tail of
+    the process's stderr when the exception carries one and the message does not quote it already."""
+    message = exc.message if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+    tail = getattr(exc, "stderr_tail", None)
+    if isinstance(tail, str) and tail.strip():
+        lines = [line for line in tail.strip().splitlines() if line.strip()][-_STDERR_LINES:]
+        if lines and lines[-1].strip() not in message:
+            message += "\n--- last lines of stderr ---\n" + "\n".join(lines)
+    return message
+
+
+# ------------------------------------------------------------------------------------------ state
+
+
+@dataclass(eq=False)
+class InstanceWorker:
+    """One registered instance: its client, status, wake-up event and loops."""
+
+    config: InstanceConfig
+    client: InstanceClient
+    status: InstanceStatus
+    wake_event: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    notifier: SocketNotifier | None = None
+    refused: dict[str, None] = field(default_factory=dict)
+    # Checks completed without error.
+    checks: int = 0
+
+    def wake(self, reason: str) -> None:
+        log.debug("%s: wake-up (%s)", self.config.url, reason)
+        self.wake_event.set()
+
+    def contact(self) -> None:
+        self.status.last_contact_at = time.time()
+
+    def error(self, message: str) -> None:
+        self.status.last_error = message
+        self.status.last_error_at = time.time()
+
+
+@dataclass(eq=False)
+class JobRun:
+    """Everything about one accepted job; `phase` and `cancel_reason` are the only state to read."""
+
+    job: AcceptedJob
+    worker: InstanceWorker
+    work_dir: Path
+    started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    phase: JobPhase = JobPhase.ACCEPTED
+    progress: float | None = None
+    cancel_reason: CancelReason | None = None
+    cancel_detail: str = ""
+    outcome: str = ""
+    task: asyncio.Task[None] | None = None
+    heartbeat: Heartbeat | None = None
+    report_task: asyncio.Task[None] | None = None
+    _progress_origin: tuple[float, float] | None = None
+
+    @property
+    def client(self) -> InstanceClient:
+        return self.worker.client
+
+    def cancel(self, reason: CancelReason, detail: str = "") -> bool:
+        """Record why, then cancel the job task. Refused once the job is finishing or already cancelled,
+        and refused to a shutdown while the result is being delivered: that delivery is the job's fate
+        (bounded by its retry deadline and transfer deadlines); only a job gone or a lost lease stop it."""
+        if self.cancel_reason is not None or self.phase not in _CANCELLABLE:
+            return False
+        if self.phase is JobPhase.UPLOADING and reason.aborts_on_server:
+            return False
+        self.cancel_reason = reason
+        self.cancel_detail = detail
+        if self.task is not None:
+            self.task.cancel()
+        return True
+
+    def report_progress(self, value: float | None) -> None:
+        if value is None:
+            self.progress = None
+            return
+        value = min(max(float(value), 0.0), 100.0)
+        if self._progress_origin is None or value < self._progress_origin[1]:
+            self._progress_origin = (time.monotonic(), value)
+        self.progress = value
+
+    def eta_s(self) -> float | None:
+        if self.progress is None or self._progress_origin is None:
+            return None
+        since, first = self._progress_origin
+        done = self.progress - first
+        if done <= 0:
+            return None
+        return (time.monotonic() - since) * (100.0 - self.progress) / done
+
+    def status(self) -> JobStatus:
+        return JobStatus(
+            uuid=self.job.uuid,
+            type=str(self.job.type),
+            instance_url=self.job.instance_url,
+            phase=str(self.phase),
+            started_at=self.started_at,
+            progress=self.progress,
+            eta_s=self.eta_s(),
+        )
+
+
+class _HardStop(Exception):
+    """Raised inside the TaskGroup to tear everything down at once (second SIGINT)."""
+
+
+# ------------------------------------------------------------------------------------------ supervisor
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: RunnerConfig,
+        *,
+        work_dir: Path,
+        processors: Mapping[JobType, Processor],
+        supports: SupportCheck,
+        settings: ProcessingSettings,
+        runner_id: str = "default",
+        version: str = "0.0.0",
+        job_clients: JobClients | None = None,
+        inputs: InputsFactory | None = None,
+        client_factory: ClientFactory = default_client,
+        state_file: Path | None = None,
+        reload_config: Callable[[], RunnerConfig | None] | None = None,
+        flag_instance: Callable[[InstanceConfig], None] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.processors = dict(processors)
+        self.supports = supports
+        self.settings = settings
+        self.runner_id = runner_id
+        self.version = version
+        self.job_clients = job_clients or JobClients()
+        self.inputs = inputs or direct_inputs(self.job_clients)
+        self.client_factory = client_factory
+        self.state_file = state_file
+        self.reload_config = reload_config
+        self.flag_instance = flag_instance
+        self.retry = retry or RetryPolicy()
+        self.workers: dict[tuple[str, str], InstanceWorker] = {}
+        self.jobs: dict[str, JobRun] = {}
+        self.finished: deque[JobRun] = deque(maxlen=100)
+        self.errors: deque[ErrorRecord] = deque(maxlen=_ERRORS_KEPT)
+        self.started_at = time.time()
+        self.draining = False
+        self._reserved_slots = 0
+        self._retired_clients: list[InstanceClient] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._changes: asyncio.Future[None] | None = None
+        self._disk_low = False
+        self._check_job_types()
+
+    # -------------------------------------------------------------------- lifetime
+
+    def _check_job_types(self) -> None:
+        """Validate the table at start (lesson 11): an enabled type without processor is a setup error."""
+        enabled = self.config.enabled_job_types
+        if enabled is not None:
+            missing = sorted(t.value for t in enabled if t not in self.processors)
+            if missing:
+                raise ValueError(f"no processor for enabled job type(s): {', '.join(missing)}")
+        if not self.job_types():
+            raise ValueError("no job type is both enabled and supported: nothing to do")
+
+    def request_stop(self) -> None:
+        """SIGTERM (and a first SIGINT): drain, then abort what is left. Safe to call from a signal
+        handler and more than once."""
+        self._stop.set()
+
+    def interrupt(self) -> None:
+        """SIGINT: the first one drains like SIGTERM, the second one stops at once."""
+        if self._stop.is_set():
+            self._hard_stop.set()
+        self._stop.set()
+
+    async def run(self) -> bool:
+        """Run until stopped; False when stopped at once by a second interrupt."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.sweep_work_dir()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                services = [
+                    tg.create_task(self._hard_stop_watch(), name="hard-stop"),
+                    tg.create_task(self._state_loop(), name="status-file"),
+                    tg.create_task(self._config_loop(), name="config-watch"),
+                ]
+                for instance in self.config.instances:
+                    self._start_worker(instance)
+                await self._stop.wait()
+                await self._shutdown()
+                for task in services:
+                    task.cancel()
+        except* _HardStop:
+            log.warning(
+                "stopped at once: %d job(s) were cancelled without telling their server", len(self.jobs)
+            )
+        finally:
+            self._tg = None
+            self._write_state()
+            for client in [*(w.client for w in self.workers.values()), *self._retired_clients]:
+                await client.aclose()
+        return not self._hard_stop.is_set()
+
+    def sweep_work_dir(self) -> None:
+        """Leftovers of a crashed run: folders of jobs no process works on (we hold the pid lock)."""
+        for leftover in self.work_dir.iterdir():
+            log.info("removing %s, left over by an earlier run", leftover)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+    async def _hard_stop_watch(self) -> None:
+        await self._hard_stop.wait()
+        raise _HardStop
+
+    async def _shutdown(self) -> None:
+        """Ordered, bounded phases: stop taking work, drain, abort the rest in parallel, await them."""
+        self.draining = True
+        self._changed()
+        for worker in self.workers.values():
+            for task in worker.tasks:
+                task.cancel()
+        if not self.jobs:
+            log.info("stopping: no job is running")
+        else:
+            log.info(
+                "stopping: no new jobs; %d running job(s) get %.0f s to finish (SIGINT again: stop at once)",
+                len(self.jobs),
+                self.config.shutdown_grace_s,
+            )
+            if not await self.wait_for(lambda: not self.jobs, self.config.shutdown_grace_s):
+                log.warning("aborting %d job(s) still running on their servers", len(self.jobs))
+                for run in list(self.jobs.values()):
+                    run.cancel(CancelReason.SHUTDOWN)
+                # Each job task reports its own abort: they run in parallel.
+                if not await self.wait_for(lambda: not self.jobs, self.config.report_deadline_s + 5):
+                    log.error("%d job(s) did not end; cancelling them", len(self.jobs))
+                    for run in list(self.jobs.values()):
+                        for stuck in (run.report_task, run.task):
+                            if stuck is not None:
+                                stuck.cancel()
+        log.info("stopped")
+
+    # -------------------------------------------------------------------- changes
+
+    def _changed(self) -> None:
+        """Something visible changed: wake `wait_for` callers and the status writer."""
+        self._dirty.set()
+        if self._changes is not None and not self._changes.done():
+            self._changes.set_result(None)
+        self._changes = None
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float | None = None) -> bool:
+        """Wait until `predicate()` holds (checked after every change); False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    if self._changes is None:
+                        self._changes = asyncio.get_running_loop().create_future()
+                    await asyncio.shield(self._changes)
+        except TimeoutError:
+            return False
+        return True
+
+    def wake_all(self, reason: str) -> None:
+        for worker in self.workers.values():
+            worker.wake(reason)
+
+    def record_error(self, where: str, message: str) -> None:
+        self.errors.append(ErrorRecord(time.time(), where, message))
+        self._changed()
+
+    # -------------------------------------------------------------------- instances
+
+    def _start_worker(
+        self, instance: InstanceConfig, previous: InstanceStatus | None = None
+    ) -> InstanceWorker:
+        assert self._tg is not None
+        status = InstanceStatus(
+            url=instance.url,
+            runner_name=instance.runner_name,
+            registration="needs-registration" if instance.needs_registration else "registered",
+        )
+        if previous is not None:  # the same registration, restarted: its history stays visible
+            status.last_contact_at = previous.last_contact_at
+            status.last_error, status.last_error_at = previous.last_error, previous.last_error_at
+        worker = InstanceWorker(instance, self.client_factory(instance, self.config), status)
+        self.workers[instance.key] = worker
+        if instance.needs_registration:
+            log.error(
+                "%s does not know runner %r any more: not polling it. Register again with "
+                "`tuberunner register --url %s --runner-name %s --registration-token <new token>`",
+                instance.url,
+                instance.runner_name,
+                instance.url,
+                instance.runner_name,
+            )
+            return worker
+        name = f"{instance.url}#{instance.runner_name}"
+        worker.tasks.append(self._tg.create_task(self._check_loop(worker), name=f"check {name}"))
+        if self.config.socket_enabled:
+            worker.notifier = notifier = SocketNotifier(
+                instance.url,
+                instance.runner_token,
+                wake=worker.wake,
+                on_connection=lambda connected, reason: self._on_socket(worker, connected, reason),
+                connect_timeout_s=self.config.connect_timeout_s,
+                retry_max_s=self.config.socket_retry_max_s,
+            )
+            worker.tasks.append(
+                self._tg.create_task(_logged(notifier.run(), f"socket of {name}"), name=f"socket {name}")
+            )
+        self._changed()
+        return worker
+
+    def _on_socket(self, worker: InstanceWorker, connected: bool, reason: str | None) -> None:
+        was_connected = worker.status.socket_connected
+        worker.status.socket_connected = connected
+        if reason and not connected:
+            worker.error(reason)
+        if connected and not was_connected:
+            # After a reconnection, check at once that every job we hold is still ours.
+            for run in self.jobs.values():
+                if run.worker is worker and run.heartbeat is not None:
+                    run.heartbeat.poke()
+        self._changed()
+
+    def _retire_worker(self, worker: InstanceWorker, *, removed: bool) -> None:
+        for task in worker.tasks:
+            task.cancel()
+        del self.workers[worker.config.key]
+        # Running jobs keep using the old client (and token) until they end.
+        self._retired_clients.append(worker.client)
+        if removed:
+            for run in list(self.jobs.values()):
+                if run.worker is worker:
+                    run.cancel(CancelReason.INSTANCE_REMOVED)
+
+    def apply_config(self, config: RunnerConfig) -> None:
+        """A changed config file: start, stop or restart instance loops; other settings apply to new jobs
+        and the next checks (ffmpeg settings need a restart)."""
+        old = self.config
+        self.config = config
+        if (old.ffmpeg_path, old.ffmpeg_threads, old.ffmpeg_nice) != (
+            config.ffmpeg_path,
+            config.ffmpeg_threads,
+            config.ffmpeg_nice,
+        ):
+            log.warning("ffmpeg settings changed in the config file: restart the daemon to apply them")
+        previous: dict[tuple[str, str], InstanceStatus] = {}
+        for key, worker in list(self.workers.items()):
+            instance = config.instance(*key)
+            if instance != worker.config:
+                log.info("%s (%s) %s", key[0], key[1], "removed" if instance is None else "changed")
+                self._retire_worker(worker, removed=instance is None)
+                previous[key] = worker.status
+        if not self.draining:
+            for instance in config.instances:
+                if instance.key not in self.workers:
+                    if instance.key not in previous:
+                        log.info("%s (%s) added", instance.url, instance.runner_name)
+                    self._start_worker(instance, previous.get(instance.key))
+        self.wake_all("configuration changed")
+        self._changed()
+
+    def job_types(self) -> frozenset[str]:
+        enabled = self.config.enabled_job_types
+        return frozenset(str(t) for t in self.processors if enabled is None or t in enabled)
+
+    def free_slots(self) -> int:
+        return self.config.concurrency - len(self.jobs) - self._reserved_slots
+
+    def _poll_delay_s(self, failures: int) -> float:
+        jitter = self.config.poll_jitter
+        delay = self.config.poll_interval_s * random.uniform(1 - jitter, 1 + jitter)
+        if failures:
+            # A failing instance is retried sooner at first, then at the poll pace.
+            delay = min(delay, max(self.retry.delay(failures), 0.05))
+        return delay
+
+    async def _check_loop(self, worker: InstanceWorker) -> None:
+        failures = 0
+        while not self.draining:
+            worker.wake_event.clear()  # a wake-up from now on causes one more check
+            try:
+                await self._check(worker)
+                failures = 0
+                worker.checks += 1
+                self._changed()
+            except RunnerUnknown as exc:
+                await self._needs_registration(worker, exc)
+                return
+            except RunnerError as exc:
+                failures += 1
+                worker.error(exc.message)
+                log.warning("%s: %s", worker.config.url, exc.message)
+                self._changed()
+            except Exception as exc:  # a bug here must not stop the other instances
+                failures += 1
+                worker.error(f"{type(exc).__name__}: {exc}")
+                log.exception("%s: job check failed", worker.config.url)
+            try:
+                async with asyncio.timeout(self._poll_delay_s(failures)):
+                    await worker.wake_event.wait()
+            except TimeoutError:
+                pass
+
+    async def _check(self, worker: InstanceWorker) -> None:
+        """Ask for jobs and accept as many as there are free slots; a pass that took nothing ends it."""
+        while self.free_slots() > 0 and not self.draining:
+            if not self._disk_has_room():
+                return
+            offers = await worker.client.request_jobs(self.job_types(), self.version)
+            worker.contact()
+            took = False
+            for offer in offers:
+                if self.free_slots() <= 0 or self.draining:
+                    return
+                if offer.uuid in self.jobs or self._refused(worker, offer):
+                    continue
+                self._reserved_slots += 1
+                try:
+                    job = await worker.client.accept(offer.uuid)
+                except JobGone as exc:
+                    log.debug("job %s taken by another runner: %s", offer.uuid, exc.message)
+                    continue
+                except RequestRejected as exc:
+                    # Usually a lost race too: PeerTube answers 400 "not in pending state" without a code.
+                    log.info("job %s not taken: %s", offer.uuid, exc.message)
+                    continue
+                except TransientError as exc:
+                    # It may have been accepted anyway: then its lease brings it back to the queue.
+                    log.warning("accepting job %s failed: %s", offer.uuid, exc.message)
+                    continue
+                finally:
+                    self._reserved_slots -= 1
+                worker.contact()
+                self._start_job(worker, job)
+                took = True
+            if not took:
+                return
+
+    def _refused(self, worker: InstanceWorker, offer: AvailableJob) -> bool:
+        """Whether we cannot take `offer`; each refusal is logged once (never dropped silently)."""
+        reason: str | None
+        level = logging.WARNING
+        try:
+            job_type = JobType(offer.type)
+        except ValueError:
+            reason = f"unknown job type {offer.type!r}"
+        else:
+            if str(job_type) not in self.job_types():
+                # Only servers without the `jobTypes` filter (PeerTube 6.x) offer these: not worth a warning.
+                reason, level = f"job type {offer.type} is not enabled here", logging.INFO
+            else:
+                try:
+                    reason = self.supports(job_type, offer.payload)
+                except Exception as exc:
+                    reason = f"payload check failed: {type(exc).__name__}: {exc}"
+        if reason is None:
+            return False
+        if offer.uuid not in worker.refused:
+            worker.refused[offer.uuid] = None
+            if len(worker.refused) > _REFUSALS_KEPT:
+                del worker.refused[next(iter(worker.refused))]
+            log.log(level, "%s: not taking job %s: %s", worker.config.url, offer.uuid, reason)
+        return True
+
+    def _disk_has_room(self) -> bool:
+        try:
+            free = shutil.disk_usage(self.work_dir).free
+        except OSError as exc:
+            free, detail = 0, f"cannot read free space of {self.work_dir}: {exc}"
+        else:
+            detail = f"{free / 1024**3:.1f} GiB free in {self.work_dir}"
+        low = free < self.config.min_free_disk_bytes
+        if low and not self._disk_low:
+            message = (
+                f"not accepting jobs: {detail}, less than the "
+                f"{self.config.min_free_disk_bytes / 1024**3:.1f} GiB required (jobs.min_free_disk_bytes); "
+                "trying again later"
+            )
+            log.warning("%s", message)
+            self.record_error("disk", message)
+        elif not low and self._disk_low:
+            log.info("enough disk space again (%s): accepting jobs", detail)
+        self._disk_low = low
+        return not low
+
+    async def _needs_registration(self, worker: InstanceWorker, exc: RunnerError) -> None:
+        instance = worker.config
+        worker.status.registration = "needs-registration"
+        worker.error(exc.message)
+        message = (
+            f"{instance.url} no longer knows runner {instance.runner_name!r} ({exc.message}). This "
+            "instance is not polled any more; the others go on. Register again: tuberunner register "
+            f"--url {instance.url} --runner-name {instance.runner_name} "
+            "--registration-token <token from the instance admin>"
+        )
+        log.error("%s", message)
+        self.record_error(instance.url, message)
+        for task in worker.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.flag_instance is not None:
+            try:
+                await asyncio.to_thread(self.flag_instance, instance)
+            except Exception as flag_error:  # the status file still shows it
+                log.error("could not flag %s in the config file: %s", instance.url, flag_error)
+
+    # -------------------------------------------------------------------- jobs
+
+    def _start_job(self, worker: InstanceWorker, job: AcceptedJob) -> None:
+        assert self._tg is not None
+        folder = job.uuid if _SAFE_NAME.match(job.uuid) else hashlib.sha256(job.uuid.encode()).hexdigest()
+        run = JobRun(job=job, worker=worker, work_dir=self.work_dir / folder)
+        self.jobs[job.uuid] = run
+        self.job_clients.add(job, worker.client)
+        run.task = self._tg.create_task(self._run_job(run), name=f"job {job.uuid}")
+        log.info("job %s (%s) accepted from %s", job.uuid, job.type, worker.config.url)
+        self._changed()
+
+    async def _run_job(self, run: JobRun) -> None:
+        """The job task: work, then report its fate; the slot is freed whatever happens."""
+        job = run.job
+        try:
+            report = await self._work(run)
+            elapsed = time.monotonic() - run.started_mono
+            log.info("job %s (%s) %s after %.1f s", job.uuid, job.type, run.outcome, elapsed)
+            if run.outcome != "succeeded":
+                self.record_error(f"job {job.uuid}", run.outcome)
+            if report is not None:
+                await self._report(run, report)
+        finally:
+            run.phase = JobPhase.DONE
+            self.jobs.pop(job.uuid, None)
+            self.job_clients.remove(job)
+            self.finished.append(run)
+            self.wake_all("a slot is free")
+            self._changed()
+
+    async def _work(self, run: JobRun) -> Callable[[], Awaitable[None]] | None:
+        """Process and deliver inside the job's exit stack; returns the report to make, if any. Sets
+        `run.outcome`. Re-raises a cancellation that is not ours (the TaskGroup going down)."""
+        job = run.job
+        try:
+            async with AsyncExitStack() as stack:
+                try:
+                    context = await self._enter_job(run, stack)
+                    run.phase = JobPhase.RUNNING
+                    self._changed()
+                    output = await self.processors[job.type](context)
+                    if run.cancel_reason is not None:
+                        raise asyncio.CancelledError  # the processor swallowed our cancellation
+                    run.phase = JobPhase.UPLOADING
+                    self._changed()
+                    await self._deliver_success(run, output)
+                    run.outcome = "succeeded"
+                    return None
+                finally:
+                    run.phase = JobPhase.FINISHING
+        except asyncio.CancelledError:
+            reason = run.cancel_reason
+            if reason is None or self._hard_stop.is_set():
+                run.outcome = "cancelled"
+                raise  # not ours, or stopping at once: the whole TaskGroup is going down
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            detail = f" ({run.cancel_detail})" if run.cancel_detail else ""
+            run.outcome = f"cancelled: {reason.value}{detail}"
+            if reason.aborts_on_server:
+                return lambda: run.client.abort(job, reason.value)
+            return None
+        except (JobGone, RunnerUnknown) as exc:
+            run.outcome = f"gone: {exc.message}"
+            return None
+        except Exception as exc:
+            message = describe_failure(exc)
+            run.outcome = f"errored: {message.splitlines()[0]}"
+            if not isinstance(exc, RunnerError | OSError):
+                log.error("job %s: %s failed", job.uuid, job.type, exc_info=exc)
+            return lambda: run.client.error(job, message)
+
+    async def _enter_job(self, run: JobRun, stack: AsyncExitStack) -> JobContext:
+        """The job's scope: work folder, heartbeat, inputs — undone in reverse order on every exit path."""
+        assert self._tg is not None
+        run.work_dir.mkdir(parents=True, exist_ok=True)
+        stack.callback(shutil.rmtree, run.work_dir, ignore_errors=True)
+        run.heartbeat = Heartbeat(
+            run.client,
+            run.job,
+            interval_s=self.config.update_interval_s,
+            lease_s=self.config.lease_s,
+            progress=lambda: run.progress,
+            on_lost=lambda loss, detail: self._lost(run, loss, detail),
+            on_delivered=lambda: self._delivered(run),
+            retry=self.retry,
+        )
+        heartbeat_task = self._tg.create_task(
+            self._heartbeat(run, run.heartbeat), name=f"heartbeat {run.job.uuid}"
+        )
+        stack.push_async_callback(_stop, heartbeat_task)
+        fetch = await stack.enter_async_context(self.inputs(run.job, run.work_dir))
+        return JobContext(
+            job=run.job,
+            work_dir=run.work_dir,
+            settings=self.settings,
+            fetch_input=fetch,
+            report_progress=lambda value: self._progress(run, value),
+        )
+
+    async def _heartbeat(self, run: JobRun, heartbeat: Heartbeat) -> None:
+        try:
+            await heartbeat.run()
+        except Exception as exc:  # a bug: without heartbeats the job cannot be kept
+            log.exception("job %s: heartbeat failed", run.job.uuid)
+            run.cancel(CancelReason.LEASE_EXPIRED, f"heartbeat failed: {type(exc).__name__}: {exc}")
+
+    def _lost(self, run: JobRun, loss: Loss, detail: str) -> None:
+        if loss is Loss.NOT_PROCESSING and run.phase is JobPhase.UPLOADING:
+            # Our success may have got there first (the job is completing): the success call tells.
+            return
+        reason = CancelReason.LEASE_EXPIRED if loss is Loss.LEASE_EXPIRED else CancelReason.GONE
+        run.cancel(reason, detail)
+
+    def _delivered(self, run: JobRun) -> None:
+        run.worker.contact()
+        self._changed()
+
+    def _progress(self, run: JobRun, value: float | None) -> None:
+        run.report_progress(value)
+        self._dirty.set()
+
+    async def _deliver_success(self, run: JobRun, output: JobOutput) -> None:
+        """`success` with retries on transient errors. After a failed attempt the server may have got it
+        all the same: then "not in processing state" (6.3: 400 + code, 8.3: 409) means done (spec §13.8)."""
+        job = run.job
+        retried = False
+
+        async def attempt() -> None:
+            nonlocal retried
+            try:
+                await run.client.success(job, output)
+            except JobGone as exc:
+                if retried and (exc.code == ErrorCode.JOB_NOT_IN_PROCESSING_STATE or exc.status == 409):
+                    log.info("job %s: an earlier success attempt got through (%s)", job.uuid, exc.message)
+                    return
+                raise
+            except TransientError:
+                retried = True
+                raise
+
+        await self.retry.run(
+            attempt, what=f"success of job {job.uuid}", deadline_s=self.config.report_deadline_s
+        )
+
+    async def _report(self, run: JobRun, call: Callable[[], Awaitable[None]]) -> None:
+        """Tell the server a job's fate, shielded from cancellation of the job task, within a deadline."""
+        assert self._tg is not None
+        deadline_s = self.config.report_deadline_s
+
+        async def report() -> None:
+            try:
+                async with asyncio.timeout(deadline_s):
+                    await self.retry.run(call, what=f"report of job {run.job.uuid}", deadline_s=deadline_s)
+            except JobGone as exc:
+                log.info("job %s: nothing to report, the server took it back (%s)", run.job.uuid, exc.message)
+            except (RunnerError, TimeoutError) as exc:
+                message = getattr(exc, "message", None) or f"no answer within {deadline_s:g} s"
+                log.warning(
+                    "job %s: could not report its end (%s); the server takes it back when its lease expires",
+                    run.job.uuid,
+                    message,
+                )
+            except Exception:
+                log.exception("job %s: reporting its end failed", run.job.uuid)
+
+        run.report_task = self._tg.create_task(report(), name=f"report {run.job.uuid}")
+        await asyncio.shield(run.report_task)
+
+    # -------------------------------------------------------------------- status and config files
+
+    def snapshot(self) -> DaemonState:
+        return DaemonState(
+            pid=os.getpid(),
+            runner_id=self.runner_id,
+            version=self.version,
+            started_at=self.started_at,
+            updated_at=time.time(),
+            concurrency=self.config.concurrency,
+            state_interval_s=self.config.state_interval_s,
+            draining=self.draining,
+            instances=[w.status for w in self.workers.values()],
+            jobs=[run.status() for run in self.jobs.values()],
+            errors=list(self.errors),
+        )
+
+    def _write_state(self) -> None:
+        if self.state_file is None:
+            return
+        try:
+            write_state(self.state_file, self.snapshot())
+        except OSError as exc:
+            log.warning("cannot write the status file %s: %s", self.state_file, exc)
+
+    async def _state_loop(self) -> None:
+        """Stamp the status file every `state_interval_s` and soon after each change (coalesced)."""
+        while True:
+            self._dirty.clear()
+            try:
+                self._write_state()
+            except Exception:  # a bug in the snapshot must not stop the daemon
+                log.exception("cannot build the status file")
+            try:
+                async with asyncio.timeout(self.config.state_interval_s):
+                    await self._dirty.wait()
+            except TimeoutError:
+                pass
+            await asyncio.sleep(min(0.2, self.config.state_interval_s))
+
+    async def _config_loop(self) -> None:
+        if self.reload_config is None:
+            return
+        while True:
+            await asyncio.sleep(self.config.config_check_interval_s)
+            try:
+                config = self.reload_config()
+            except Exception as exc:  # ConfigError, or the file vanished meanwhile: keep the old one
+                log.error("configuration not reloaded: %s", exc)
+                self.record_error("config", str(exc))
+                continue
+            if config is not None and not self.draining:
+                self.apply_config(config)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for its end without taking its exception or cancellation as ours."""
+    task.cancel()
+    await asyncio.wait({task})
+
+
+async def _logged(coroutine: Coroutine[Any, Any, None], what: str) -> None:
+    """Run a service that should never end; a bug in it is logged and ends only that service."""
+    try:
+        await coroutine
+    except Exception:
+        log.exception("%s stopped after an unexpected error", what)
