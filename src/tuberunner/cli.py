@@ -6,11 +6,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from tuberunner import __version__
+
+if TYPE_CHECKING:
+    from tuberunner.oneshot.session import TranscodeOptions as TranscodeOptionsType
 from tuberunner.runner import cli as runner_cli
 
 app = typer.Typer(help="Tuberunner: PeerTube-compatible remote runner and coordinator.", no_args_is_help=True)
@@ -170,6 +173,117 @@ def registration_token_create(url: _Url = DEFAULT_URL, admin_token: _Token = Non
         typer.echo(ic.create_registration_token(url, ic.resolve_admin_token(admin_token)))
     except ic.ClientError as exc:
         _fail(exc)
+
+
+def _parse_resolutions(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        resolutions = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            "comma-separated heights, e.g. 1080,720,480", param_hint="--resolutions"
+        ) from None
+    if not resolutions or any(r < 0 or r > 4320 for r in resolutions):
+        raise typer.BadParameter("heights between 0 and 4320", param_hint="--resolutions")
+    return resolutions
+
+
+@app.command()
+def transcode(
+    input_file: Annotated[Path, typer.Argument(metavar="INPUT", help="Video or audio file")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output folder (default: INPUT name)")
+    ] = None,
+    resolutions: Annotated[
+        str | None, typer.Option("--resolutions", help="Ladder, e.g. 1080,720,480,360,240 (default: all)")
+    ] = None,
+    hls: Annotated[bool, typer.Option("--hls/--no-hls", help="Make the HLS ladder")] = True,
+    web_video: Annotated[bool, typer.Option("--web-video/--no-web-video", help="Keep MP4 files")] = True,
+    storyboard: Annotated[bool, typer.Option("--storyboard", help="Make a storyboard sprite sheet")] = False,
+    runners: Annotated[int, typer.Option("--runners", min=1, max=16, help="Jobs run in parallel")] = 1,
+) -> None:
+    """Transcode one file into MP4s, an HLS ladder and more, with an embedded coordinator and runners.
+
+    Running the same command again resumes: completed jobs are not redone."""
+    from tuberunner.oneshot.session import TranscodeOptions
+
+    options = TranscodeOptions(
+        input=input_file,
+        output=output or input_file.with_name(input_file.stem + "-tuberunner"),
+        resolutions=_parse_resolutions(resolutions),
+        hls=hls,
+        web_video=web_video,
+        storyboard=storyboard,
+        runners=runners,
+    )
+    raise typer.Exit(_run_transcode(options))
+
+
+@app.command()
+def demo(
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for the sample and the outputs")
+    ] = Path("demo-output"),
+) -> None:
+    """Generate a short sample clip with ffmpeg and transcode it (what `make demo` runs)."""
+    import asyncio
+
+    from tuberunner.media.binaries import find_ffmpeg
+    from tuberunner.media.samples import make_sample_clip
+    from tuberunner.oneshot.session import TranscodeOptions
+
+    output.mkdir(parents=True, exist_ok=True)
+    sample = output / "sample.mp4"
+    if not sample.exists():
+        typer.echo(f"generating {sample} (8 s, 640x360, test pattern and tone)", err=True)
+        asyncio.run(make_sample_clip(find_ffmpeg(), sample, duration_s=8.0, width=640, height=360, fps=25))
+    options = TranscodeOptions(input=sample, output=output, storyboard=True)
+    raise typer.Exit(_run_transcode(options))
+
+
+def _run_transcode(options: TranscodeOptionsType) -> int:
+    import asyncio
+    import signal
+
+    from tuberunner.oneshot.display import Display
+    from tuberunner.oneshot.session import TranscodeError, transcode
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        current = asyncio.current_task()
+        assert current is not None
+
+        def on_interrupt() -> None:
+            if stop.is_set():
+                current.cancel()  # second Ctrl-C: stop now (ffmpeg children are still killed)
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        try:
+            with Display() as display:
+                result = await transcode(options, display, stop)
+        except TranscodeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            return exc.exit_code
+        except asyncio.CancelledError:
+            typer.echo("stopped", err=True)
+            return 130
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+        done = "resumed and finished" if result.resumed else "finished"
+        typer.echo(f"{done} in {result.elapsed_s:.1f} s; outputs in {options.output}/:", err=True)
+        for path in [
+            *result.export.files,
+            *([result.export.summary_path] if result.export.summary_path else []),
+        ]:
+            typer.echo(f"  {path.relative_to(options.output)}")
+        return 0
+
+    return asyncio.run(main())
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ def storyboard_command(
     graph = ",".join(
         [
             "setpts='N/FRAME_RATE/TB'",
-            f"select='isnan(prev_selected_t)+gte(t-prev_selected_t,{sprites.duration_s})'",
+            f"select='isnan(prev_selected_t)+gte(t-prev_selected_t,{sprites.duration_s:g})'",
             f"scale={sprites.width}:{sprites.height}",
             f"tile=layout={sprites.columns}x{sprites.rows}",
         ]

@@ -236,7 +236,7 @@ class StoryboardSprites:
     height: int
     columns: int
     rows: int
-    duration_s: int
+    duration_s: float
 
 
 def storyboard_sprites(width: int, height: int, duration_s: float) -> StoryboardSprites | None:

@@ -97,13 +97,13 @@ def _load(config_file: ConfigFile, paths: RunnerPaths, options: DaemonOptions) -
         raise ConfigError("--enable-job", None, str(exc)) from None
 
 
-def _inputs(config: RunnerConfig, paths: RunnerPaths, clients: JobClients) -> InputsFactory:
+def _inputs(config: RunnerConfig, inputs_dir: Path, clients: JobClients) -> InputsFactory:
     limits = DownloadLimits(deadlines=config.deadlines())
     if config.input_cache_max_bytes <= 0:
         return direct_inputs(clients, limits)
     cache = InputCache(
         clients,
-        paths.inputs_dir,
+        inputs_dir,
         max_bytes=config.input_cache_max_bytes,
         max_idle_s=config.input_cache_max_idle_s,
         limits=limits,
@@ -113,6 +113,53 @@ def _inputs(config: RunnerConfig, paths: RunnerPaths, clients: JobClients) -> In
         return cache.inputs_for(job)
 
     return factory
+
+
+async def processing_settings(config: RunnerConfig) -> ProcessingSettings:
+    """Find and check ffmpeg (raises FfmpegUnavailable with a clear message) and build the settings."""
+    ffmpeg = find_ffmpeg(config.ffmpeg_path)
+    capabilities = await check_ffmpeg(ffmpeg)
+    log.info("ffmpeg %s at %s", capabilities.version, ffmpeg)
+    return ProcessingSettings(
+        ffmpeg=ffmpeg,
+        threads=config.ffmpeg_threads,
+        nice=min(config.ffmpeg_nice, 19),
+        stall_timeout_s=config.stall_timeout_s,
+        max_duration_s=config.max_job_duration_s,
+        has_libfdk_aac=capabilities.has_libfdk_aac,
+    )
+
+
+def build_supervisor(
+    config: RunnerConfig,
+    settings: ProcessingSettings,
+    *,
+    runner_id: str,
+    work_dir: Path,
+    inputs_dir: Path,
+    state_file: Path | None = None,
+    reload_config: Callable[[], RunnerConfig | None] | None = None,
+    flag_instance: Callable[[InstanceConfig], None] | None = None,
+) -> Supervisor:
+    """The one way to put a runner together (the daemon and the one-shot mode); ValueError when the
+    enabled job types cannot be served."""
+    from tuberunner.runner.processors import PROCESSORS, supports
+
+    clients = JobClients()
+    return Supervisor(
+        config,
+        work_dir=work_dir,
+        processors=PROCESSORS,
+        supports=supports,
+        settings=settings,
+        runner_id=runner_id,
+        version=__version__,
+        job_clients=clients,
+        inputs=_inputs(config, inputs_dir, clients),
+        state_file=state_file,
+        reload_config=reload_config,
+        flag_instance=flag_instance,
+    )
 
 
 async def run_daemon(options: DaemonOptions) -> int:
@@ -143,38 +190,21 @@ async def _serve(
     reload_config: Callable[[], RunnerConfig | None],
 ) -> int:
     try:
-        ffmpeg = find_ffmpeg(config.ffmpeg_path)
-        capabilities = await check_ffmpeg(ffmpeg)
+        settings = await processing_settings(config)
     except FfmpegUnavailable as exc:
         log.error("cannot start: %s", exc)
         return EXIT_SETUP
-    log.info("ffmpeg %s at %s", capabilities.version, ffmpeg)
-    settings = ProcessingSettings(
-        ffmpeg=ffmpeg,
-        threads=config.ffmpeg_threads,
-        nice=min(config.ffmpeg_nice, 19),
-        stall_timeout_s=config.stall_timeout_s,
-        max_duration_s=config.max_job_duration_s,
-        has_libfdk_aac=capabilities.has_libfdk_aac,
-    )
-    from tuberunner.runner.processors import PROCESSORS, supports
-
-    clients = JobClients()
 
     def flag(instance: InstanceConfig) -> None:
         config_file.set_needs_registration(instance.url, instance.runner_name, instance.runner_token)
 
     try:
-        supervisor = Supervisor(
+        supervisor = build_supervisor(
             config,
-            work_dir=paths.work_dir,
-            processors=PROCESSORS,
-            supports=supports,
-            settings=settings,
+            settings,
             runner_id=paths.runner_id,
-            version=__version__,
-            job_clients=clients,
-            inputs=_inputs(config, paths, clients),
+            work_dir=paths.work_dir,
+            inputs_dir=paths.inputs_dir,
             state_file=paths.state_file,
             reload_config=reload_config,
             flag_instance=flag,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from tuberunner.protocol.jobs import STUDIO_TASK_NAMES, JobType
 from tuberunner.protocol.payloads import PAYLOAD_MODELS, parse_payload
 from tuberunner.runner.job import Processor
-from tuberunner.runner.processors import vod
+from tuberunner.runner.processors import storyboard, vod
 from tuberunner.runner.processors.common import describe_validation
 
 __all__ = ["PROCESSORS", "REQUIRED_TYPES", "build_table", "supports"]
@@ -53,6 +53,7 @@ PROCESSORS: Mapping[JobType, Processor] = build_table(
         (JobType.VOD_WEB_VIDEO, vod.web_video),
         (JobType.VOD_HLS, vod.hls),
         (JobType.VOD_AUDIO_MERGE, vod.audio_merge),
+        (JobType.STORYBOARD, storyboard.storyboard),
     ]
 )
 

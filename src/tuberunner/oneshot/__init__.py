@@ -1,0 +1,1 @@
+"""One-shot mode: `tuberunner transcode INPUT -o OUT` runs a coordinator and runners in one process."""

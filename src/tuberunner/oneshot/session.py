@@ -1,0 +1,282 @@
+"""`tuberunner transcode`: an embedded coordinator and N runners in one process, on embedded defaults.
+
+Everything lives in `<OUT>/.tuberunner/` (SQLite database, coordinator files, runner work folders), so the
+same command run again finds the video it submitted and only does the jobs that are not completed yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.embedded import Embedded, embedded_coordinator
+from tuberunner.coordinator.schema import runners as runners_table
+from tuberunner.media.errors import FfmpegUnavailable
+from tuberunner.oneshot.export import ExportResult, export_outputs
+from tuberunner.runner.config import InstanceConfig, RunnerConfig
+from tuberunner.runner.daemon import build_supervisor, processing_settings
+from tuberunner.runner.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".tuberunner"
+_POLL_S = 0.5
+_FINAL_STATES = frozenset({"published", "failed", "cancelled"})
+
+
+class TranscodeError(Exception):
+    """A reason to stop with a clear message and a non-zero exit (bad input, failed jobs...)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class TranscodeOptions:
+    input: Path
+    output: Path
+    resolutions: tuple[int, ...] | None = None
+    hls: bool = True
+    web_video: bool = True
+    storyboard: bool = False
+    runners: int = 1
+    # ffmpeg threads per job (0: ffmpeg decides).
+    threads: int = 0
+
+    def submission_key(self) -> str:
+        """Identifies "the same command on the same file": resuming is only done for that."""
+        stat = self.input.stat()
+        raw = json.dumps(
+            [
+                str(self.input.resolve()),
+                stat.st_size,
+                stat.st_mtime_ns,
+                self.resolutions,
+                self.hls,
+                self.web_video,
+                self.storyboard,
+            ]
+        )
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@dataclass
+class TranscodeResult:
+    video: dict[str, Any]
+    export: ExportResult
+    resumed: bool
+    elapsed_s: float
+    jobs_done_before: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Observer = Callable[[dict[str, Any]], None]
+
+
+def check_paths(options: TranscodeOptions) -> None:
+    if not options.input.exists():
+        raise TranscodeError(f"input not found: {options.input}", exit_code=2)
+    if not options.input.is_file():
+        raise TranscodeError(f"input is not a file: {options.input}", exit_code=2)
+    try:
+        options.output.mkdir(parents=True, exist_ok=True)
+        probe = options.output / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TranscodeError(f"cannot write to {options.output}: {exc.strerror or exc}", exit_code=2) from exc
+
+
+async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.Event) -> TranscodeResult:
+    """Run the whole job graph of one file; `observe` gets the video status on every poll."""
+    check_paths(options)
+    started = time.monotonic()
+    state_dir = options.output / STATE_DIR
+    admin_token = "tra-" + secrets.token_urlsafe(24)
+    config = CoordinatorConfig(
+        data_dir=state_dir / "coordinator",
+        admin_token=admin_token,
+        resolutions=options.resolutions or CoordinatorConfig.resolutions,
+        ping_debounce_s=0.01,
+    )
+    runner_config = RunnerConfig(
+        concurrency=1,
+        update_interval_s=1.0,
+        poll_interval_s=5.0,
+        shutdown_grace_s=0.0,
+        ffmpeg_threads=options.threads,
+        ffmpeg_nice=0,
+        min_free_disk_bytes=64 * 1024**2,
+    )
+    try:
+        settings = await processing_settings(runner_config)
+    except FfmpegUnavailable as exc:
+        raise TranscodeError(str(exc), exit_code=2) from exc
+    async with AsyncExitStack() as stack:
+        embedded = await stack.enter_async_context(embedded_coordinator(config))
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(
+                base_url=embedded.url,
+                headers={"Authorization": f"Bearer {admin_token}"},
+                timeout=httpx.Timeout(60.0, connect=5.0),
+            )
+        )
+        supervisors = await _start_runners(embedded, runner_config, settings, state_dir, options.runners)
+        async with _running(supervisors):
+            video_uuid, resumed = await _submit_or_resume(http, options, state_dir)
+            video, done_before = await _follow(http, video_uuid, observe, stop)
+        if video["state"] != "published":
+            raise TranscodeError(_failure_message(video))
+        export = await export_outputs(http, video, options.output)
+    return TranscodeResult(
+        video=video,
+        export=export,
+        resumed=resumed,
+        elapsed_s=time.monotonic() - started,
+        jobs_done_before=done_before,
+    )
+
+
+async def _start_runners(
+    embedded: Embedded, base: RunnerConfig, settings: Any, state_dir: Path, count: int
+) -> list[Supervisor]:
+    c = embedded.coordinator
+    # Runners of an interrupted earlier run hold jobs until their lease expires; removing them gives
+    # their jobs back at once.
+    async with c.db.read() as conn:
+        leftovers = set((await conn.execute(select(runners_table.c.id))).scalars())
+    if leftovers:
+        await c.runners.remove(leftovers)
+    registration = await c.runners.create_registration_token()
+    supervisors = []
+    for index in range(count):
+        name = f"one-shot-{index + 1}"
+        _, token = await c.runners.register(registration, name, "tuberunner transcode", None, "127.0.0.1")
+        config = replace(
+            base, instances=(InstanceConfig(url=embedded.url, runner_token=token, runner_name=name),)
+        )
+        folder = state_dir / "runners" / name
+        supervisors.append(
+            build_supervisor(
+                config,
+                settings,
+                runner_id=name,
+                work_dir=folder / "jobs",
+                inputs_dir=folder / "inputs",
+            )
+        )
+    return supervisors
+
+
+@asynccontextmanager
+async def _running(supervisors: list[Supervisor]) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(s.run(), name=f"runner-{i}") for i, s in enumerate(supervisors)]
+    try:
+        yield
+    finally:
+        # Stop taking work, abort what runs (its ffmpeg is killed), wait for every runner to be done.
+        for supervisor in supervisors:
+            supervisor.request_stop()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("a runner stopped with an error: %r", result)
+
+
+async def _submit_or_resume(
+    http: httpx.AsyncClient, options: TranscodeOptions, state_dir: Path
+) -> tuple[str, bool]:
+    record = state_dir / "submissions.json"
+    known: dict[str, str] = json.loads(record.read_text()) if record.exists() else {}
+    key = options.submission_key()
+    if key in known:
+        answer = await http.get(f"/api/v1/videos/{known[key]}")
+        if answer.status_code == 200:
+            return known[key], True
+    fields: dict[str, str] = {
+        "name": options.input.stem,
+        "hls": str(options.hls).lower(),
+        "webVideo": str(options.web_video).lower(),
+        "storyboard": str(options.storyboard).lower(),
+    }
+    if options.resolutions:
+        fields["resolutions"] = ",".join(str(r) for r in options.resolutions)
+    with options.input.open("rb") as handle:
+        answer = await http.post(
+            "/api/v1/videos",
+            data=fields,
+            files={"videofile": (options.input.name, handle, "application/octet-stream")},
+        )
+    if answer.status_code != 200:
+        raise TranscodeError(_problem(answer, f"cannot take {options.input}"))
+    video_uuid = str(answer.json()["video"]["uuid"])
+    known[key] = video_uuid
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known, indent=2))
+    os.replace(tmp, record)
+    return video_uuid, False
+
+
+async def _follow(
+    http: httpx.AsyncClient, video_uuid: str, observe: Observer, stop: asyncio.Event
+) -> tuple[dict[str, Any], int]:
+    done_before: int | None = None
+    while True:
+        answer = await http.get(f"/api/v1/videos/{video_uuid}", params={"details": "true"})
+        if answer.status_code != 200:
+            raise TranscodeError(_problem(answer, "the coordinator lost the video"))
+        video: dict[str, Any] = answer.json()
+        if done_before is None:
+            done_before = int(video["jobs"]["byState"].get("completed", 0))
+        observe(video)
+        if video["state"] in _FINAL_STATES:
+            return video, done_before
+        _check_runnable(video)
+        try:
+            await asyncio.wait_for(stop.wait(), _POLL_S)
+        except TimeoutError:
+            continue
+        raise TranscodeError("interrupted; run the same command again to resume", exit_code=130)
+
+
+def _check_runnable(video: dict[str, Any]) -> None:
+    """A job no embedded runner can take would wait forever: say so instead."""
+    from tuberunner.runner.processors import PROCESSORS
+
+    for job in video["jobs"].get("list", []):
+        if job["state"]["label"] == "Pending" and job["type"] not in PROCESSORS:
+            raise TranscodeError(f"no runner of this version can run {job['type']} jobs")
+
+
+def _problem(answer: httpx.Response, context: str) -> str:
+    try:
+        detail = answer.json().get("detail")
+    except ValueError:
+        detail = None
+    return f"{context}: {detail or answer.reason_phrase} (HTTP {answer.status_code})"
+
+
+def _failure_message(video: dict[str, Any]) -> str:
+    if video["state"] == "cancelled":
+        return "the transcoding was cancelled"
+    errors = video.get("errors") or []
+    if not errors:
+        return f"the transcoding ended in state {video['state']}"
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more failed job(s))" if len(errors) > 1 else ""
+    return f"{first['type']} failed: {first['message']}{more}"
