@@ -184,8 +184,11 @@ def _parse_resolutions(value: str | None) -> tuple[int, ...] | None:
         raise typer.BadParameter(
             "comma-separated heights, e.g. 1080,720,480", param_hint="--resolutions"
         ) from None
-    if not resolutions or any(r < 0 or r > 4320 for r in resolutions):
-        raise typer.BadParameter("heights between 0 and 4320", param_hint="--resolutions")
+    from tuberunner.media.profiles import VOD_RESOLUTIONS
+
+    allowed = sorted(r for r in VOD_RESOLUTIONS if r > 0)
+    if not resolutions or not set(resolutions) <= set(allowed):
+        raise typer.BadParameter(f"heights among {','.join(map(str, allowed))}", param_hint="--resolutions")
     return resolutions
 
 

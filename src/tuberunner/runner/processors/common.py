@@ -69,10 +69,19 @@ async def probe_input(path: Path, what: str) -> MediaInfo:
         raise JobFailed(_limit(f"Cannot read the {what}: {exc}")) from exc
 
 
-async def run_encode(ctx: JobContext, args: list[str], *, duration_s: float | None, what: str) -> None:
+async def run_encode(
+    ctx: JobContext,
+    args: list[str],
+    *,
+    duration_s: float | None,
+    what: str,
+    check_output: Path | None = None,
+) -> None:
     """Run one ffmpeg command with the job's settings, reporting its progress as it goes.
 
-    Cancellation kills ffmpeg's process group (run_ffmpeg does, before the cancellation goes on)."""
+    Cancellation kills ffmpeg's process group (run_ffmpeg does, before the cancellation goes on).
+    With `check_output`, the result must last as long as the input: ffmpeg ends "successfully" on an
+    input cut short, and a silently truncated video must not reach the server as a success."""
     settings = ctx.settings
 
     def on_progress(progress: Progress) -> None:
@@ -95,6 +104,16 @@ async def run_encode(ctx: JobContext, args: list[str], *, duration_s: float | No
         raise JobFailed(_limit(f"{what} failed: {exc}\n--- ffmpeg stderr (end) ---\n{tail}")) from exc
     except (FfmpegRunError, FfmpegUnavailable) as exc:
         raise JobFailed(_limit(f"{what} failed: {exc}")) from exc
+    if check_output is not None and duration_s:
+        produced = (await probe_input(check_output, "output")).duration_s
+        if produced < duration_s - max(_DURATION_SLACK_S, duration_s * 0.02):
+            raise JobFailed(
+                f"{what} failed: ffmpeg made {produced:.2f} s of the input's {duration_s:.2f} s; "
+                "the input is truncated or corrupt"
+            )
+
+
+_DURATION_SLACK_S = 0.5
 
 
 def no_audio(exc: NoAudioStream, what: str) -> JobFailed:

@@ -60,7 +60,7 @@ async def web_video(ctx: JobContext) -> JobOutput:
         )
     except NoAudioStream as exc:
         raise no_audio(exc, what) from exc
-    await run_encode(ctx, args, duration_s=video.duration_s, what=what)
+    await run_encode(ctx, args, duration_s=video.duration_s, what=what, check_output=output)
     return JobOutput(files={"videoFile": _produced(output, what)})
 
 
@@ -89,7 +89,7 @@ async def hls(ctx: JobContext) -> JobOutput:
         )
     except NoAudioStream as exc:
         raise no_audio(exc, what) from exc
-    await run_encode(ctx, args, duration_s=video.duration_s, what=what)
+    await run_encode(ctx, args, duration_s=video.duration_s, what=what, check_output=fragmented)
     fix_hls_playlist(_produced(playlist, what))
     return JobOutput(files={"videoFile": _produced(fragmented, what), "resolutionPlaylistFile": playlist})
 
@@ -116,7 +116,7 @@ async def audio_merge(ctx: JobContext) -> JobOutput:
         )
     except NoAudioStream as exc:
         raise no_audio(exc, what) from exc
-    await run_encode(ctx, args, duration_s=audio.duration_s, what=what)
+    await run_encode(ctx, args, duration_s=audio.duration_s, what=what, check_output=output)
     return JobOutput(files={"videoFile": _produced(output, what)})
 
 
