@@ -98,13 +98,21 @@ class Display:
             total_done += done
             task = self._tasks.get(job["uuid"])
             if task is None:
-                task = progress.add_task(job_label(job), total=100, state="")
+                # Timing (speed, ETA) starts when the job does, not while it waits for its parent.
+                task = progress.add_task(job_label(job), total=100, state="", start=False)
                 self._tasks[job["uuid"]] = task
-            progress.update(task, completed=done, state=job["state"]["label"])
+            label = job["state"]["label"]
+            if label in ("Processing", "Completing") or label in _FINAL:
+                progress.start_task(task)
+            if label in _FINAL:
+                progress.stop_task(task)
+            progress.update(task, completed=done, state=label)
         assert self._overall is not None
         progress.update(
             self._overall, completed=total_done, total=100 * max(len(jobs), 1), state=video["state"]
         )
+        if video["state"] != "processing":
+            progress.stop_task(self._overall)
 
     def _lines(self, jobs: list[dict[str, Any]]) -> None:
         for job in jobs:
