@@ -39,7 +39,9 @@ __all__ = [
     "EXIT_OK",
     "EXIT_SETUP",
     "DaemonOptions",
+    "build_supervisor",
     "config_reloader",
+    "processing_settings",
     "run_daemon",
 ]
 
