@@ -15,6 +15,7 @@ answered. Beyond PeerTube 6.3 (spec §13):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import secrets
@@ -65,9 +66,31 @@ class Completer(Protocol):
 
 @dataclass(frozen=True)
 class _Pending:
+    """A pending job as `jobs/request` offers it; views are sorted by `key`, as the SQL is."""
+
     uuid: str
     type: str
     payload: dict[str, Any]
+    priority: int
+    id: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.priority, self.id)
+
+
+@dataclass(frozen=True)
+class _Load:
+    """One read of the pending view: `seq` counts the reads started, so a waiter can tell whether a
+    read started after it arrived (then its result is good enough for it, kept or not)."""
+
+    seq: int
+    entries: list[_Pending]
+    complete: bool
+
+
+def _pending_of(job: Job) -> _Pending:
+    return _Pending(job.uuid, str(job.type), job.payload, job.priority, job.id)
 
 
 def new_job_token() -> str:
@@ -91,11 +114,15 @@ class JobService:
         self.notify_pending = notify_pending
         self.completer = completer
         self.clock = clock
+        # The first pending jobs in (priority, id) order, patched in place by this process's own
+        # accepts and aborts, dropped by any other change; None until read again.
         self._pending: list[_Pending] | None = None
-        # Bumped by every invalidation: a view read while a change committed is never kept.
+        # Bumped by every change: a view read while a change committed is never kept.
         self._generation = 0
         self._pending_loaded_at = 0.0
         self._pending_complete = False
+        self._loads_started = 0
+        self._last_load: _Load | None = None
         # Called after every committed change (another coordinator process may need to know).
         self.on_change: Callable[[], None] | None = None
         self._pending_lock = asyncio.Lock()
@@ -161,43 +188,53 @@ class JobService:
         return body
 
     async def _available(self, job_types: frozenset[str] | None) -> list[_Pending]:
-        pending = self._pending
+        pending, complete = self._pending, self._pending_complete
         if pending is None:
-            async with self._pending_lock:
-                pending = self._pending
-                if pending is None:
-                    pending = await self._load_pending()
+            pending, complete = await self._load_view()
         if job_types is None:
             return pending[:MAX_AVAILABLE_JOBS]
         chosen = [e for e in pending if e.type in job_types][:MAX_AVAILABLE_JOBS]
-        if len(chosen) == MAX_AVAILABLE_JOBS or self._pending_complete:
+        if len(chosen) == MAX_AVAILABLE_JOBS or complete:
             return chosen
         async with self.db.read() as conn:
             rows = await conn.execute(
-                select(jobs.c.uuid, jobs.c.type, jobs.c.payload)
+                select(jobs.c.uuid, jobs.c.type, jobs.c.payload, jobs.c.priority, jobs.c.id)
                 .where(jobs.c.state == JobState.PENDING, jobs.c.type.in_(sorted(job_types)))
                 .order_by(jobs.c.priority, jobs.c.id)
                 .limit(MAX_AVAILABLE_JOBS)
             )
-            return [_Pending(r.uuid, r.type, r.payload) for r in rows]
+            return [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
 
-    async def _load_pending(self) -> list[_Pending]:
-        generation = self._generation
-        async with self.db.read() as conn:
-            rows = await conn.execute(
-                select(jobs.c.uuid, jobs.c.type, jobs.c.payload)
-                .where(jobs.c.state == JobState.PENDING)
-                .order_by(jobs.c.priority, jobs.c.id)
-                .limit(_PENDING_CACHE_SIZE + 1)
-            )
-            pending = [_Pending(r.uuid, r.type, r.payload) for r in rows]
-        complete = len(pending) <= _PENDING_CACHE_SIZE
-        pending = pending[:_PENDING_CACHE_SIZE]
-        if generation == self._generation:
-            self._pending = pending
-            self._pending_complete = complete
-            self._pending_loaded_at = time.monotonic()
-        return pending
+    async def _load_view(self) -> tuple[list[_Pending], bool]:
+        """The pending view, read once for all the callers waiting: a caller takes the kept view, or
+        the result of a read that started after it arrived (even one not kept), else reads itself."""
+        arrived_after = self._loads_started
+        async with self._pending_lock:
+            if self._pending is not None:
+                return self._pending, self._pending_complete
+            last = self._last_load
+            if last is not None and last.seq > arrived_after:
+                return last.entries, last.complete
+            self._loads_started += 1
+            seq = self._loads_started
+            generation = self._generation
+            async with self.db.read() as conn:
+                rows = await conn.execute(
+                    select(jobs.c.uuid, jobs.c.type, jobs.c.payload, jobs.c.priority, jobs.c.id)
+                    .where(jobs.c.state == JobState.PENDING)
+                    .order_by(jobs.c.priority, jobs.c.id)
+                    .limit(_PENDING_CACHE_SIZE + 1)
+                )
+                entries = [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
+            complete = len(entries) <= _PENDING_CACHE_SIZE
+            del entries[_PENDING_CACHE_SIZE:]
+            # A copy: the kept view is patched in place, a waiter's answer must not move under it.
+            self._last_load = _Load(seq, list(entries), complete)
+            if generation == self._generation:
+                self._pending = entries
+                self._pending_complete = complete
+                self._pending_loaded_at = time.monotonic()
+            return entries, complete
 
     def invalidate(self) -> None:
         """Forget the in-memory pending view; the next `jobs/request` reads the database."""
@@ -205,13 +242,48 @@ class JobService:
         self._pending = None
         self._answers.clear()
 
-    def _changed(self, *, new_pending: bool) -> None:
-        """Call after every committed transition: drops the pending view, pings runners if needed."""
-        self.invalidate()
+    def _changed(
+        self, *, new_pending: bool, taken: str | None = None, requeued: _Pending | None = None
+    ) -> None:
+        """Call after every committed transition: patches the pending view for an accept (`taken`) or a
+        job back to pending (`requeued`), drops it for anything else; pings runners if needed."""
+        if taken is not None:
+            self._generation += 1
+            self._answers.clear()
+            self._take_from_view(taken)
+        elif requeued is not None:
+            self._generation += 1
+            self._answers.clear()
+            self._put_in_view(requeued)
+        else:
+            self.invalidate()
         if new_pending:
             self.notify_pending()
         if self.on_change is not None:
             self.on_change()
+
+    def _take_from_view(self, job_uuid: str) -> None:
+        view = self._pending
+        if view is None:
+            return
+        for index, entry in enumerate(view):
+            if entry.uuid == job_uuid:
+                del view[index]
+                break
+        if not self._pending_complete and len(view) < MAX_AVAILABLE_JOBS:
+            self._pending = None  # jobs beyond the view would be missing from an answer
+
+    def _put_in_view(self, entry: _Pending) -> None:
+        view = self._pending
+        if view is None or any(e.uuid == entry.uuid for e in view):
+            return  # a read that already saw it pending
+        index = bisect.bisect_left(view, entry.key, key=lambda e: e.key)
+        if index == len(view) and not self._pending_complete:
+            return  # beyond the view: a later read finds it
+        view.insert(index, entry)
+        if len(view) > _PENDING_CACHE_SIZE:
+            view.pop()
+            self._pending_complete = False
 
     # ---------------------------------------------------------------- creation
 
@@ -257,7 +329,7 @@ class JobService:
         except IntegrityError as exc:
             # The runner was removed by another coordinator process since its token was checked.
             raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN) from exc
-        self._changed(new_pending=False)
+        self._changed(new_pending=False, taken=job.uuid)
         return Job.from_row(row)
 
     async def _take(self, job: Job, runner_id: int, token: str, now: float) -> RowMapping:
@@ -303,7 +375,7 @@ class JobService:
             return
         async with self.db.write() as conn:
             await self._requeue(conn, job, expected=JobState.PROCESSING)
-        self._changed(new_pending=True)
+        self._changed(new_pending=True, requeued=_pending_of(job))
 
     async def error(self, job: Job, message: str) -> None:
         await self._fail(job, message, count_failure=True, terminal=job.type in NON_ABORTABLE_TYPES)
@@ -316,7 +388,7 @@ class JobService:
                 await self._requeue(conn, job, expected=JobState.PROCESSING, failures=failures)
             else:
                 await self._end_with_error(conn, job, message, failures=failures, held=True)
-        self._changed(new_pending=requeue)
+        self._changed(new_pending=requeue, requeued=_pending_of(job) if requeue else None)
 
     async def success(self, job: Job, result: JobResult) -> None:
         """PROCESSING → COMPLETING (committed), then completion; waits for it up to SUCCESS_WAIT_S."""
