@@ -73,7 +73,8 @@ def test_transcode_writes_mp4s_hls_storyboard_and_summary(tmp_path: Path, clip: 
     assert [w["resolution"] for w in summary["webVideos"]] == [180, 144]
     for web in summary["webVideos"]:
         info = asyncio.run(probe(out / web["file"]))
-        assert info.video is not None and info.audio is not None
+        assert info.video is not None
+        assert info.audio is not None
         assert info.video.codec == "h264"
         assert info.audio.codec == "aac"
         assert info.video.height == web["resolution"]
