@@ -26,10 +26,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import Float, Integer, and_, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.database import Database
@@ -129,6 +130,60 @@ class JobService:
         self._answers: dict[tuple[str, frozenset[str] | None], bytes] = {}
         self._completions: dict[int, asyncio.Task[None]] = {}
         self.lease_expiries_total = 0
+        self._build_statements()
+
+    def _build_statements(self) -> None:
+        """The hot transitions as statements built once: only their parameters change per call."""
+        now = bindparam("now", type_=Float)
+        lease: ColumnElement[Any] = now + self.config.default_lease_s
+        if self.config.lease_s:
+            lease = now + case(
+                *((jobs.c.type == str(t), self.config.lease_for(t)) for t in JobType),
+                else_=self.config.default_lease_s,
+            )
+        held = (
+            jobs.c.uuid == bindparam("job_uuid"),
+            jobs.c.processing_job_token == bindparam("job_token"),
+            jobs.c.runner_id == bindparam("runner"),
+            jobs.c.state == JobState.PROCESSING,
+        )
+        self._accept_statement = (
+            update(jobs)
+            .where(jobs.c.uuid == bindparam("job_uuid"), jobs.c.state == JobState.PENDING)
+            .values(
+                state=JobState.PROCESSING,
+                processing_job_token=bindparam("new_token"),
+                runner_id=bindparam("runner"),
+                started_at=now,
+                progress=None,
+                lease_expires_at=lease,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        )
+        self._update_statement = (
+            update(jobs)
+            .where(*held, jobs.c.type != str(JobType.LIVE_RTMP_HLS))
+            .values(
+                lease_expires_at=lease,
+                updated_at=now,
+                progress=func.coalesce(bindparam("new_progress", type_=Integer), jobs.c.progress),
+            )
+        )
+        self._abort_statement = (
+            update(jobs)
+            .where(*held, jobs.c.type.notin_(sorted(str(t) for t in NON_ABORTABLE_TYPES)))
+            .values(
+                state=JobState.PENDING,
+                processing_job_token=None,
+                runner_id=None,
+                progress=None,
+                started_at=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+            .returning(jobs.c.id, jobs.c.type, jobs.c.priority, jobs.c.payload)
+        )
 
     # ---------------------------------------------------------------- reads
 
@@ -319,6 +374,50 @@ class JobService:
         self._changed(new_pending=any_pending)
 
     # ---------------------------------------------------------------- runner transitions
+
+    async def try_accept(self, job_uuid: str, runner_id: int) -> Job | None:
+        """The usual accept in one statement (conditional UPDATE … RETURNING). None when it matched
+        nothing: then `accept` after the usual checks gives the exact answer."""
+        view = self._pending
+        if view is not None and self._pending_complete and all(e.uuid != job_uuid for e in view):
+            return None  # not pending as far as this process knows: no write for a lost race
+        token, now = new_job_token(), self.clock()
+        params = {"job_uuid": job_uuid, "new_token": token, "runner": runner_id, "now": now}
+        try:
+            async with self.db.write() as conn:
+                row = (await conn.execute(self._accept_statement, params)).mappings().first()
+        except IntegrityError as exc:
+            # The runner was removed by another coordinator process since its token was checked.
+            raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN) from exc
+        if row is None:
+            return None
+        self._changed(new_pending=False, taken=job_uuid)
+        return Job.from_row(row)
+
+    async def try_update(self, job_uuid: str, runner_id: int, job_token: str, progress: int | None) -> bool:
+        """The usual heartbeat in one statement; False when it matched nothing (then: `update`)."""
+        params = {
+            "job_uuid": job_uuid,
+            "job_token": job_token,
+            "runner": runner_id,
+            "now": self.clock(),
+            "new_progress": progress,
+        }
+        async with self.db.write() as conn:
+            result = await conn.execute(self._update_statement, params)
+        return bool(result.rowcount == 1)
+
+    async def try_abort(self, job_uuid: str, runner_id: int, job_token: str) -> bool:
+        """The usual abort in one statement; False when it matched nothing (then: `abort`)."""
+        params = {"job_uuid": job_uuid, "job_token": job_token, "runner": runner_id, "now": self.clock()}
+        async with self.db.write() as conn:
+            row = (await conn.execute(self._abort_statement, params)).first()
+        if row is None:
+            return False
+        self._changed(
+            new_pending=True, requeued=_Pending(job_uuid, row.type, row.payload, row.priority, row.id)
+        )
+        return True
 
     async def accept(self, job: Job, runner_id: int) -> Job:
         """PENDING → PROCESSING for exactly one caller; the others get 409 with its code."""

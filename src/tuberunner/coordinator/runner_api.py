@@ -104,6 +104,20 @@ async def _job_of_runner(c: Coordinator, request: Request, body: Body, allowed: 
 _PROCESSING = frozenset({JobState.PROCESSING})
 
 
+async def _known_runner(c: Coordinator, fields: Mapping[str, Any]) -> RunnerAuth | None:
+    """The runner of a well-formed `runnerToken`, for the one-statement happy paths; None sends the call
+    down the usual path, which gives the exact answer in PeerTube's order."""
+    token = fields.get("runnerToken")
+    if not (isinstance(token, str) and 1 <= len(token) <= 1000):
+        return None
+    return await c.runners.by_token(token)
+
+
+def _well_formed_job_token(fields: Mapping[str, Any]) -> str | None:
+    token = fields.get("jobToken")
+    return token if isinstance(token, str) and 1 <= len(token) <= 1000 else None
+
+
 async def register(request: Request) -> Response:
     c = coordinator_of(request)
     async with _body(request) as body:
@@ -170,6 +184,12 @@ async def accept(request: Request) -> Response:
     c = coordinator_of(request)
     async with _body(request) as body:
         job_uuid = _job_uuid(request)
+        known = await _known_runner(c, body.fields)
+        if known is not None:
+            taken = await c.jobs.try_accept(job_uuid, known.runner.id)
+            if taken is not None:
+                c.runners.touch(known.runner.id, _client_ip(request))
+                return _accepted(request, taken, known)
         job = await c.jobs.get(job_uuid)
         if job is None:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
@@ -183,14 +203,30 @@ async def accept(request: Request) -> Response:
         assert token is not None
         auth = await _runner(c, token, request)
         accepted = await c.jobs.accept(job, auth.runner.id)
-    job_json = accepted.as_json(base_url_of(request), auth.runner)
-    job_json["jobToken"] = accepted.processing_job_token
+    return _accepted(request, accepted, auth)
+
+
+def _accepted(request: Request, job: Job, auth: RunnerAuth) -> Response:
+    job_json = job.as_json(base_url_of(request), auth.runner)
+    job_json["jobToken"] = job.processing_job_token
     return JSONResponse({"job": job_json})
 
 
 async def abort(request: Request) -> Response:
     c = coordinator_of(request)
     async with _body(request) as body:
+        job_uuid = _job_uuid(request)
+        known, job_token = await _known_runner(c, body.fields), _well_formed_job_token(body.fields)
+        reason = body.fields.get("reason")
+        if (
+            known is not None
+            and job_token is not None
+            and isinstance(reason, str)
+            and 1 <= len(reason) <= 5000
+            and await c.jobs.try_abort(job_uuid, known.runner.id, job_token)
+        ):
+            c.runners.touch(known.runner.id, _client_ip(request))
+            return Response(status_code=_NO_CONTENT)
         job = await _job_of_runner(c, request, body, _PROCESSING)
         _string(body.fields, "reason", 5000)
         await c.jobs.abort(job)
@@ -218,9 +254,29 @@ def _progress(fields: Mapping[str, Any]) -> int | None:
     return value
 
 
+def _progress_is_valid(fields: Mapping[str, Any]) -> bool:
+    try:
+        _progress(fields)
+    except BadRequest:
+        return False  # answered on the usual path, in PeerTube's order
+    return True
+
+
 async def update_job(request: Request) -> Response:
     c = coordinator_of(request)
     async with _body(request, UPDATE_FILE_FIELDS) as body:
+        job_uuid = _job_uuid(request)
+        known, job_token = await _known_runner(c, body.fields), _well_formed_job_token(body.fields)
+        if (
+            known is not None
+            and job_token is not None
+            and not body.files
+            and body.fields.get("payload") in (None, {}, "")
+            and _progress_is_valid(body.fields)
+            and await c.jobs.try_update(job_uuid, known.runner.id, job_token, _progress(body.fields))
+        ):
+            c.runners.touch(known.runner.id, _client_ip(request))
+            return Response(status_code=_NO_CONTENT)
         job = await _job_of_runner(
             c, request, body, frozenset({JobState.PROCESSING, JobState.COMPLETING, JobState.COMPLETED})
         )
