@@ -4,6 +4,9 @@ SQLite allows one writer at a time; instead of letting concurrent transactions f
 (SQLITE_BUSY, retries, latency spikes) the coordinator serialises its own writes with an asyncio lock and
 keeps each write transaction short: no network I/O and no file copying happens inside one.
 PostgreSQL needs no such lock: correctness comes from conditional UPDATEs (`... WHERE state = pending`).
+On PostgreSQL every round trip counts: reads and single-statement writes run without BEGIN/COMMIT
+(autocommit), pooled connections are not pinged (one closed while idle is noticed without a round trip
+and replaced), and loopback connections skip the SSL attempt.
 """
 
 from __future__ import annotations
@@ -17,10 +20,16 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Enough for one connection per concurrent request at the load we are built for (hundreds of runners
+# make a few dozen calls at a time): connections beyond the pool are closed after each use.
+PG_POOL_SIZE = 40
+PG_POOL_OVERFLOW = 20
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class Database:
@@ -31,10 +40,16 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            kwargs.update(pool_size=PG_POOL_SIZE, max_overflow=PG_POOL_OVERFLOW, pool_pre_ping=False)
+            if _is_plain_loopback(url):
+                kwargs["connect_args"] = {"ssl": False}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(self.engine.sync_engine, "checkout", _refuse_closed)
+        # Statements that commit by themselves (PostgreSQL: no BEGIN/COMMIT round trips).
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     async def migrate(self) -> None:
@@ -53,12 +68,45 @@ class Database:
             yield conn
 
     @asynccontextmanager
+    async def write_one(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for exactly one write statement, committed when it returns (a conditional UPDATE
+        is atomic by itself); on SQLite the same as `write()`."""
+        if self._write_lock is not None:
+            async with self.write() as conn:
+                yield conn
+            return
+        async with self._autocommit.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
+        """Reads see committed data; several statements may see different commits (as with READ
+        COMMITTED), so a read that must agree with a write belongs in the write's transaction."""
+        if self._write_lock is not None:
+            async with self.engine.connect() as conn:
+                yield conn
+            return
+        async with self._autocommit.connect() as conn:
             yield conn
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _is_plain_loopback(url: str) -> bool:
+    """A TCP connection to this machine with no SSL option given: asyncpg would try SSL first (a
+    round trip and a refusal on every new connection)."""
+    parsed = make_url(url)
+    return parsed.host in _LOOPBACK_HOSTS and not {"ssl", "sslmode"} & set(parsed.query)
+
+
+def _refuse_closed(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """Instead of a ping per checkout: a pooled connection whose socket was closed meanwhile (server
+    restart, idle timeout, terminated backend) is replaced before use, at no round trip."""
+    driver = getattr(dbapi_conn, "driver_connection", None)
+    is_closed = getattr(driver, "is_closed", None)
+    if is_closed is not None and is_closed():
+        raise DisconnectionError("connection closed while idle in the pool")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -384,7 +384,7 @@ class JobService:
         token, now = new_job_token(), self.clock()
         params = {"job_uuid": job_uuid, "new_token": token, "runner": runner_id, "now": now}
         try:
-            async with self.db.write() as conn:
+            async with self.db.write_one() as conn:
                 row = (await conn.execute(self._accept_statement, params)).mappings().first()
         except IntegrityError as exc:
             # The runner was removed by another coordinator process since its token was checked.
@@ -403,14 +403,14 @@ class JobService:
             "now": self.clock(),
             "new_progress": progress,
         }
-        async with self.db.write() as conn:
+        async with self.db.write_one() as conn:
             result = await conn.execute(self._update_statement, params)
         return bool(result.rowcount == 1)
 
     async def try_abort(self, job_uuid: str, runner_id: int, job_token: str) -> bool:
         """The usual abort in one statement; False when it matched nothing (then: `abort`)."""
         params = {"job_uuid": job_uuid, "job_token": job_token, "runner": runner_id, "now": self.clock()}
-        async with self.db.write() as conn:
+        async with self.db.write_one() as conn:
             row = (await conn.execute(self._abort_statement, params)).first()
         if row is None:
             return False
