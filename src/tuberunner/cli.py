@@ -27,9 +27,8 @@ def _setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    # Migration chatter and one line per HTTP request are noise unless debugging.
-    for noisy in ("alembic", "httpx"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Migration chatter is noise at every start.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @app.callback()
@@ -89,6 +88,8 @@ def coordinator_serve(
         log_level="warning",
         ws="websockets-sansio",
         timeout_graceful_shutdown=10,
+        # A line per request costs more than the hot path itself; problems are logged by the app.
+        access_log=False,
     )
 
 

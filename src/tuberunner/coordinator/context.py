@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
+        # Read on every request body: a Path built once.
+        self.uploads_dir = config.uploads_dir
+        # Base URLs by how requests reached us (scheme, server, Host header, root path).
+        self.base_urls: dict[tuple[object, ...], str] = {}
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(config.sqlalchemy_url)
         self.storage = Storage(config.files_dir)
@@ -53,9 +57,9 @@ class Coordinator:
 
     async def start(self) -> None:
         self.config.files_dir.mkdir(parents=True, exist_ok=True)
-        self.config.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
         # Bodies half-received when the last process died are garbage.
-        for leftover in self.config.uploads_dir.iterdir():
+        for leftover in self.uploads_dir.iterdir():
             leftover.unlink(missing_ok=True)
         await self.db.migrate()
         created = await self.admin.ensure()
@@ -109,9 +113,22 @@ def coordinator_of(request: Request) -> Coordinator:
     return coordinator
 
 
+_MAX_BASE_URLS = 64
+
+
 def base_url_of(request: Request) -> str:
     """The absolute URL runners use to reach us (configured, or as this request reached us)."""
-    configured: str | None = coordinator_of(request).config.public_url
+    coordinator = coordinator_of(request)
+    configured: str | None = coordinator.config.public_url
     if configured:
         return configured.rstrip("/")
-    return str(request.base_url).rstrip("/")
+    scope = request.scope
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    key = (scope.get("scheme"), scope.get("server"), host, scope.get("app_root_path", scope.get("root_path")))
+    known = coordinator.base_urls.get(key)
+    if known is None:
+        known = str(request.base_url).rstrip("/")
+        if len(coordinator.base_urls) >= _MAX_BASE_URLS:
+            coordinator.base_urls.clear()  # Host headers are the client's choice: keep the cache bounded
+        coordinator.base_urls[key] = known
+    return known

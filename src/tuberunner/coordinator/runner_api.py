@@ -73,7 +73,7 @@ def _body(request: Request, file_fields: frozenset[str] = frozenset()) -> Abstra
     c = coordinator_of(request)
     return read_body(
         request,
-        uploads_dir=c.config.uploads_dir,
+        uploads_dir=c.uploads_dir,
         max_json_bytes=c.config.max_json_body_bytes,
         max_upload_bytes=c.config.max_upload_bytes,
         file_fields=file_fields,
