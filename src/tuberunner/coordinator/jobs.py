@@ -384,8 +384,9 @@ class JobService:
         token, now = new_job_token(), self.clock()
         params = {"job_uuid": job_uuid, "new_token": token, "runner": runner_id, "now": now}
         try:
-            async with self.db.write_one() as conn:
-                row = (await conn.execute(self._accept_statement, params)).mappings().first()
+            row = await self.db.write_statement(
+                lambda conn: conn.execute(self._accept_statement, params).mappings().first()
+            )
         except IntegrityError as exc:
             # The runner was removed by another coordinator process since its token was checked.
             raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN) from exc
@@ -403,15 +404,15 @@ class JobService:
             "now": self.clock(),
             "new_progress": progress,
         }
-        async with self.db.write_one() as conn:
-            result = await conn.execute(self._update_statement, params)
-        return bool(result.rowcount == 1)
+        matched = await self.db.write_statement(
+            lambda conn: conn.execute(self._update_statement, params).rowcount
+        )
+        return bool(matched == 1)
 
     async def try_abort(self, job_uuid: str, runner_id: int, job_token: str) -> bool:
         """The usual abort in one statement; False when it matched nothing (then: `abort`)."""
         params = {"job_uuid": job_uuid, "job_token": job_token, "runner": runner_id, "now": self.clock()}
-        async with self.db.write_one() as conn:
-            row = (await conn.execute(self._abort_statement, params)).first()
+        row = await self.db.write_statement(lambda conn: conn.execute(self._abort_statement, params).first())
         if row is None:
             return False
         self._changed(
