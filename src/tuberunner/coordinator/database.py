@@ -66,13 +66,17 @@ class Database:
         # Statements that commit by themselves (PostgreSQL: no BEGIN/COMMIT round trips).
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        # SQLite on a file: the one writer connection, kept open (see the module docstring).
+        # SQLite on a file: the one writer connection and a reader for short reads, both used on the
+        # loop's thread and kept open (see the module docstring).
         self._writer: AsyncEngine | None = None
         self._writer_conn: AsyncConnection | None = None
+        self._reader: AsyncEngine | None = None
+        self._reader_conn: AsyncConnection | None = None
         self._checkpoints: _Checkpoints | None = None
         path = make_url(url).database if self.is_sqlite else None
         if path and path != ":memory:" and not path.startswith("file:"):
-            self._writer = _inline_sqlite_engine(url, path)
+            self._writer = _inline_sqlite_engine(url, path, writer=True)
+            self._reader = _inline_sqlite_engine(url, path, writer=False)
             self._checkpoints = _Checkpoints(path)
 
     async def migrate(self) -> None:
@@ -174,6 +178,33 @@ class Database:
         if self._checkpoints is not None:
             self._checkpoints.after_commit()
 
+    async def read_statement(self, statement: Callable[[Connection], T]) -> T:
+        """Run a short read (`statement`, results read inside) in one go. On SQLite it runs on the loop's
+        thread: an indexed read costs less than the hops to a reader thread, and a thread reading rows
+        while the loop is busy waits for the GIL at every row. Not for reads of unbounded size."""
+        if self._write_lock is None:
+            async with self._autocommit.connect() as conn:
+                return await conn.run_sync(statement)
+        if self._reader is not None:
+            if self._reader_conn is None:
+                self._reader_conn = await self._reader.connect()
+            conn = self._reader_conn
+            try:
+                return await conn.run_sync(_read_once, statement)
+            except OperationalError as exc:
+                # Another process is recovering the WAL (rare): wait in a reader thread instead.
+                await self._drop_reader()
+                if not _is_busy(exc):
+                    raise
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(statement)
+
+    async def _drop_reader(self) -> None:
+        conn, self._reader_conn = self._reader_conn, None
+        if conn is not None:
+            with suppress(Exception):
+                await conn.close()
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """Reads see committed data; several statements may see different commits (as with READ
@@ -186,6 +217,9 @@ class Database:
             yield conn
 
     async def dispose(self) -> None:
+        if self._reader is not None:
+            await self._drop_reader()
+            await self._reader.dispose()
         if self._writer is not None:
             if self._write_lock is not None:
                 async with self._write_lock:
@@ -198,6 +232,13 @@ class Database:
 
 class _BusyAtBegin(Exception):
     """Another process holds the SQLite file lock: nothing was done, the transaction can be retried."""
+
+
+def _read_once(conn: Connection, statement: Callable[[Connection], T]) -> T:
+    try:
+        return statement(conn)
+    finally:
+        conn.rollback()  # no snapshot is kept between reads
 
 
 def _in_transaction(conn: Connection, statement: Callable[[Connection], T]) -> T:
@@ -311,20 +352,24 @@ class _InlineConnection:
             self._connection = None
 
 
-def _inline_sqlite_engine(url: str, path: str) -> AsyncEngine:
+def _inline_sqlite_engine(url: str, path: str, *, writer: bool) -> AsyncEngine:
     async def connect() -> _InlineConnection:
-        # No busy timeout: a lock held by another process is waited for by `_begin_immediate`, off the
-        # loop. Used by one coroutine at a time (the write lock), possibly closed by the pool elsewhere.
+        # No busy timeout: the loop never waits for a lock held by another process (the writer waits
+        # for it in `_begin_writing`, asynchronously). Used by one coroutine at a time, possibly closed
+        # by the pool from another thread.
         conn = sqlite3.connect(path, timeout=0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         # Checkpoints fsync: they run in a worker thread (`_Checkpoints`), never in a commit.
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        if not writer:
+            conn.execute("PRAGMA query_only=ON")
         return _InlineConnection(conn)
 
     engine = create_async_engine(url, async_creator=connect, pool_size=1, max_overflow=0)
-    event.listen(engine.sync_engine, "begin", _begin_immediately)
+    if writer:
+        event.listen(engine.sync_engine, "begin", _begin_immediately)
     return engine
 
 
