@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import logging
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,6 +45,25 @@ _REAP_TIMEOUT_S = 5.0
 _PIPE_DRAIN_TIMEOUT_S = 2.0
 # Longest pause between two watchdog checks.
 _MAX_CHECK_INTERVAL_S = 1.0
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _child_setup(nice: int, parent_pid: int) -> None:
+    """Runs in the child between fork and exec.
+
+    ffmpeg sits in a session of its own (so a cancel can kill its whole group), which also puts it out of
+    reach of anything that kills the runner's group: the kernel kills it when its parent dies, even by
+    SIGKILL, so a killed runner never leaves a transcode running. Every ffmpeg thread inherits the niceness.
+    """
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the request took effect
+            os._exit(1)
+    if nice:
+        os.nice(nice)
 
 
 async def run_ffmpeg(
@@ -90,8 +111,7 @@ async def run_ffmpeg(
             stderr=subprocess.PIPE,
             start_new_session=True,
             cwd=cwd,
-            # Runs in the child between fork and exec, so every ffmpeg thread inherits the niceness.
-            preexec_fn=functools.partial(os.nice, nice) if nice else None,
+            preexec_fn=functools.partial(_child_setup, nice, os.getpid()),
         )
     except (FileNotFoundError, PermissionError) as exc:
         raise FfmpegUnavailable(f"cannot start ffmpeg at {ffmpeg}: {exc.strerror}") from exc
