@@ -100,3 +100,10 @@ REQUIRED_SUCCESS_FILES: Final[dict[JobType, tuple[str, ...]]] = {
     JobType.TRANSCRIPTION: ("vttFile",),
     JobType.STORYBOARD: ("storyboardFile",),
 }
+
+# socket.io events of the `/runners` namespace. `available-jobs` is PeerTube's; the other is a Tuberunner
+# extension (no payload) sent to the sockets of a runner when a job it held was taken back (cancelled,
+# deleted, lease expired): it re-checks its jobs at once instead of at its next heartbeat. Clients that do not
+# know it (the official runner) ignore it.
+AVAILABLE_JOBS_EVENT: Final = "available-jobs"
+JOBS_TAKEN_BACK_EVENT: Final = "tuberunner-jobs-taken-back"

@@ -17,6 +17,7 @@ from typing import Any
 
 import socketio
 
+from tuberunner.protocol.jobs import AVAILABLE_JOBS_EVENT, JOBS_TAKEN_BACK_EVENT
 from tuberunner.runner.retry import RetryPolicy
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NAMESPACE = "/runners"
-PING_EVENT = "available-jobs"
+PING_EVENT = AVAILABLE_JOBS_EVENT
 
 
 class SocketNotifier:
@@ -41,6 +42,7 @@ class SocketNotifier:
         *,
         wake: Callable[[str], None],
         on_connection: Callable[[bool, str | None], None],
+        on_jobs_taken_back: Callable[[], None] = lambda: None,
         connect_timeout_s: float = 10.0,
         retry_max_s: float = 60.0,
     ) -> None:
@@ -48,6 +50,7 @@ class SocketNotifier:
         self.runner_token = runner_token
         self.wake = wake
         self.on_connection = on_connection
+        self.on_jobs_taken_back = on_jobs_taken_back
         self.connect_timeout_s = connect_timeout_s
         self.backoff = RetryPolicy(base_delay_s=1.0, max_delay_s=retry_max_s)
         self.attempts = 0
@@ -93,7 +96,12 @@ class SocketNotifier:
         sio.on("connect", on_connect, namespace=NAMESPACE)
         sio.on("disconnect", on_disconnect, namespace=NAMESPACE)
         sio.on("connect_error", on_connect_error, namespace=NAMESPACE)
+
+        async def on_taken_back(*_: Any) -> None:
+            self.on_jobs_taken_back()
+
         sio.on(PING_EVENT, on_ping, namespace=NAMESPACE)
+        sio.on(JOBS_TAKEN_BACK_EVENT, on_taken_back, namespace=NAMESPACE)
         connected = False
         try:
             try:

@@ -490,6 +490,7 @@ class Supervisor:
                 instance.runner_token,
                 wake=worker.wake,
                 on_connection=lambda connected, reason: self._on_socket(worker, connected, reason),
+                on_jobs_taken_back=lambda: self._recheck_jobs(worker),
                 connect_timeout_s=self.config.connect_timeout_s,
                 retry_max_s=self.config.socket_retry_max_s,
             )
@@ -506,10 +507,14 @@ class Supervisor:
             worker.error(reason)
         if connected and not was_connected:
             # After a reconnection, check at once that every job we hold is still ours.
-            for run in self.jobs.values():
-                if run.worker is worker and run.heartbeat is not None:
-                    run.heartbeat.poke()
+            self._recheck_jobs(worker)
         self._changed()
+
+    def _recheck_jobs(self, worker: InstanceWorker) -> None:
+        """Send the next heartbeat of every job held from `worker` now: its answer says if it is ours."""
+        for run in self.jobs.values():
+            if run.worker is worker and run.heartbeat is not None:
+                run.heartbeat.poke()
 
     def _retire_worker(self, worker: InstanceWorker, *, removed: bool) -> None:
         for task in worker.tasks:
