@@ -5,17 +5,18 @@ SQLite allows one writer at a time; instead of letting concurrent transactions f
 keeps each write transaction short: no network I/O and no file copying happens inside one.
 PostgreSQL needs no such lock: correctness comes from conditional UPDATEs (`... WHERE state = pending`).
 On PostgreSQL every round trip counts: reads and single-statement writes run without BEGIN/COMMIT
-(autocommit), pooled connections are not pinged (one closed while idle is noticed without a round trip
-and replaced), and loopback connections skip the SSL attempt.
+(autocommit), those of the hot paths on connections kept for them out of the pool; pooled connections are
+not pinged (one closed while idle is noticed without a round trip and replaced), and loopback connections
+skip the SSL attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -24,11 +25,15 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+T = TypeVar("T")
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Enough for one connection per concurrent request at the load we are built for (hundreds of runners
 # make a few dozen calls at a time): connections beyond the pool are closed after each use.
 PG_POOL_SIZE = 40
 PG_POOL_OVERFLOW = 20
+# Of those, kept out of the pool for single statements (`_Lender`).
+PG_LENT_CONNECTIONS = 30
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -51,6 +56,7 @@ class Database:
         # Statements that commit by themselves (PostgreSQL: no BEGIN/COMMIT round trips).
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._lender = None if self.is_sqlite else _Lender(self.engine, PG_LENT_CONNECTIONS)
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent, safe on every start)."""
@@ -67,16 +73,21 @@ class Database:
         async with self._write_lock, self.engine.begin() as conn:
             yield conn
 
-    @asynccontextmanager
-    async def write_one(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for exactly one write statement, committed when it returns (a conditional UPDATE
-        is atomic by itself); on SQLite the same as `write()`."""
-        if self._write_lock is not None:
-            async with self.write() as conn:
-                yield conn
-            return
-        async with self._autocommit.connect() as conn:
-            yield conn
+    async def write_statement(self, statement: Callable[[Connection], T]) -> T:
+        """Run `statement` (one write statement, results read inside) and commit it: on PostgreSQL in
+        autocommit (a conditional UPDATE is atomic by itself), on SQLite as `write()`. One hop into
+        SQLAlchemy's sync layer instead of one per step."""
+        if self._lender is not None:
+            return await self._lender.run(statement)
+        async with self.write() as conn:
+            return await conn.run_sync(statement)
+
+    async def read_statement(self, statement: Callable[[Connection], T]) -> T:
+        """Run a short read (`statement`, results read inside), as `write_statement` does."""
+        if self._lender is not None:
+            return await self._lender.run(statement)
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(statement)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -90,7 +101,70 @@ class Database:
             yield conn
 
     async def dispose(self) -> None:
+        if self._lender is not None:
+            await self._lender.close()
         await self.engine.dispose()
+
+
+class _Lender:
+    """Autocommit connections kept out of the pool and lent to one statement at a time: a pool checkout
+    and return (events, isolation level set and reset, rollback) cost more CPU than the statement. A
+    connection whose socket closed meanwhile is replaced before use; one that saw any error is dropped."""
+
+    def __init__(self, engine: AsyncEngine, limit: int) -> None:
+        self._engine = engine
+        self._idle: list[AsyncConnection] = []
+        self._slots = asyncio.Semaphore(limit)
+
+    async def run(self, statement: Callable[[Connection], T]) -> T:
+        async with self._slots:
+            conn = await self._take()
+            try:
+                result = await conn.run_sync(statement)
+            except BaseException:
+                await _drop(conn)
+                raise
+            self._idle.append(conn)
+            return result
+
+    async def _take(self) -> AsyncConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not _closed_meanwhile(conn):
+                return conn
+            await _drop(conn)
+        conn = await self._engine.connect()
+        try:
+            return await conn.execution_options(isolation_level="AUTOCOMMIT")
+        except BaseException:
+            await _drop(conn)
+            raise
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with suppress(Exception):
+                await conn.close()
+
+
+def _closed_meanwhile(conn: AsyncConnection) -> bool:
+    sync = conn.sync_connection
+    if sync is None or sync.closed or sync.invalidated:
+        return True
+    try:
+        driver = sync.connection.driver_connection
+    except Exception:  # no longer usable
+        return True
+    is_closed = getattr(driver, "is_closed", None)
+    return bool(is_closed is not None and is_closed())
+
+
+async def _drop(conn: AsyncConnection) -> None:
+    """Close a connection whose state is unknown (an error, a cancellation mid-statement) for good."""
+    with suppress(Exception):
+        await conn.invalidate()
+    with suppress(Exception):
+        await conn.close()
 
 
 def _is_plain_loopback(url: str) -> bool:

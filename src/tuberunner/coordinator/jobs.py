@@ -141,6 +141,25 @@ class JobService:
                 *((jobs.c.type == str(t), self.config.lease_for(t)) for t in JobType),
                 else_=self.config.default_lease_s,
             )
+        pending_columns = (jobs.c.uuid, jobs.c.type, jobs.c.payload, jobs.c.priority, jobs.c.id)
+        self._by_uuid_statement = select(jobs).where(jobs.c.uuid == bindparam("job_uuid"))
+        self._of_runner_statement = select(jobs).where(
+            jobs.c.uuid == bindparam("job_uuid"),
+            jobs.c.processing_job_token == bindparam("job_token"),
+            jobs.c.runner_id == bindparam("runner"),
+        )
+        self._view_statement = (
+            select(*pending_columns)
+            .where(jobs.c.state == JobState.PENDING)
+            .order_by(jobs.c.priority, jobs.c.id)
+            .limit(_PENDING_CACHE_SIZE + 1)
+        )
+        self._of_types_statement = (
+            select(*pending_columns)
+            .where(jobs.c.state == JobState.PENDING, jobs.c.type.in_(bindparam("types", expanding=True)))
+            .order_by(jobs.c.priority, jobs.c.id)
+            .limit(MAX_AVAILABLE_JOBS)
+        )
         held = (
             jobs.c.uuid == bindparam("job_uuid"),
             jobs.c.processing_job_token == bindparam("job_token"),
@@ -188,8 +207,10 @@ class JobService:
     # ---------------------------------------------------------------- reads
 
     async def get(self, job_uuid: str) -> Job | None:
-        async with self.db.read() as conn:
-            row = (await conn.execute(select(jobs).where(jobs.c.uuid == job_uuid))).mappings().first()
+        params = {"job_uuid": job_uuid}
+        row = await self.db.read_statement(
+            lambda conn: conn.execute(self._by_uuid_statement, params).mappings().first()
+        )
         return Job.from_row(row) if row else None
 
     async def get_by_id(self, job_id: int) -> Job | None:
@@ -201,20 +222,10 @@ class JobService:
         """The common check of spec §3.11 (step 2): this job, this token, this runner — else 404."""
         if runner_id is None:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
-        async with self.db.read() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(jobs).where(
-                            jobs.c.uuid == job_uuid,
-                            jobs.c.processing_job_token == job_token,
-                            jobs.c.runner_id == runner_id,
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
+        params = {"job_uuid": job_uuid, "job_token": job_token, "runner": runner_id}
+        row = await self.db.read_statement(
+            lambda conn: conn.execute(self._of_runner_statement, params).mappings().first()
+        )
         if row is None:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
         return Job.from_row(row)
@@ -251,14 +262,9 @@ class JobService:
         chosen = [e for e in pending if e.type in job_types][:MAX_AVAILABLE_JOBS]
         if len(chosen) == MAX_AVAILABLE_JOBS or complete:
             return chosen
-        async with self.db.read() as conn:
-            rows = await conn.execute(
-                select(jobs.c.uuid, jobs.c.type, jobs.c.payload, jobs.c.priority, jobs.c.id)
-                .where(jobs.c.state == JobState.PENDING, jobs.c.type.in_(sorted(job_types)))
-                .order_by(jobs.c.priority, jobs.c.id)
-                .limit(MAX_AVAILABLE_JOBS)
-            )
-            return [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
+        params = {"types": sorted(job_types)}
+        rows = await self.db.read_statement(lambda conn: conn.execute(self._of_types_statement, params).all())
+        return [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
 
     async def _load_view(self) -> tuple[list[_Pending], bool]:
         """The pending view, read once for all the callers waiting: a caller takes the kept view, or
@@ -273,14 +279,8 @@ class JobService:
             self._loads_started += 1
             seq = self._loads_started
             generation = self._generation
-            async with self.db.read() as conn:
-                rows = await conn.execute(
-                    select(jobs.c.uuid, jobs.c.type, jobs.c.payload, jobs.c.priority, jobs.c.id)
-                    .where(jobs.c.state == JobState.PENDING)
-                    .order_by(jobs.c.priority, jobs.c.id)
-                    .limit(_PENDING_CACHE_SIZE + 1)
-                )
-                entries = [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
+            rows = await self.db.read_statement(lambda conn: conn.execute(self._view_statement).all())
+            entries = [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
             complete = len(entries) <= _PENDING_CACHE_SIZE
             del entries[_PENDING_CACHE_SIZE:]
             # A copy: the kept view is patched in place, a waiter's answer must not move under it.
@@ -384,8 +384,9 @@ class JobService:
         token, now = new_job_token(), self.clock()
         params = {"job_uuid": job_uuid, "new_token": token, "runner": runner_id, "now": now}
         try:
-            async with self.db.write_one() as conn:
-                row = (await conn.execute(self._accept_statement, params)).mappings().first()
+            row = await self.db.write_statement(
+                lambda conn: conn.execute(self._accept_statement, params).mappings().first()
+            )
         except IntegrityError as exc:
             # The runner was removed by another coordinator process since its token was checked.
             raise NotFound(Message.UNKNOWN_RUNNER_TOKEN, code=ErrorCode.UNKNOWN_RUNNER_TOKEN) from exc
@@ -403,15 +404,15 @@ class JobService:
             "now": self.clock(),
             "new_progress": progress,
         }
-        async with self.db.write_one() as conn:
-            result = await conn.execute(self._update_statement, params)
-        return bool(result.rowcount == 1)
+        matched = await self.db.write_statement(
+            lambda conn: conn.execute(self._update_statement, params).rowcount
+        )
+        return bool(matched == 1)
 
     async def try_abort(self, job_uuid: str, runner_id: int, job_token: str) -> bool:
         """The usual abort in one statement; False when it matched nothing (then: `abort`)."""
         params = {"job_uuid": job_uuid, "job_token": job_token, "runner": runner_id, "now": self.clock()}
-        async with self.db.write_one() as conn:
-            row = (await conn.execute(self._abort_statement, params)).first()
+        row = await self.db.write_statement(lambda conn: conn.execute(self._abort_statement, params).first())
         if row is None:
             return False
         self._changed(

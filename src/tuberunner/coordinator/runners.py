@@ -25,6 +25,7 @@ from tuberunner.protocol.errors import Message
 from tuberunner.protocol.jobs import REGISTRATION_TOKEN_PREFIX, RUNNER_TOKEN_PREFIX
 
 log = logging.getLogger(__name__)
+_BY_TOKEN = select(runners).where(runners.c.token == bindparam("token"))
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class RunnerRegistry:
         cached = self._by_token.get(token)
         if cached is not None and time.monotonic() - cached[1] < self.token_ttl_s:
             return cached[0]
-        async with self.db.read() as conn:
-            row = (await conn.execute(select(runners).where(runners.c.token == token))).mappings().first()
+        params = {"token": token}
+        row = await self.db.read_statement(lambda conn: conn.execute(_BY_TOKEN, params).mappings().first())
         if row is None:
             return None
         auth = RunnerAuth(Runner(row["id"], row["name"], row["description"]), row["token"], row["version"])
