@@ -24,9 +24,23 @@ import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
-from sqlalchemy import Float, Integer, and_, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -71,13 +85,22 @@ class _Pending:
 
     uuid: str
     type: str
-    payload: dict[str, Any]
+    # As stored (JSON text) until an answer needs it: reading the view decodes nothing, so a read
+    # is short and seldom crosses a change.
+    stored_payload: str | dict[str, Any]
     priority: int
     id: int
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.priority, self.id)
+
+    @cached_property
+    def payload(self) -> dict[str, Any]:
+        if isinstance(self.stored_payload, str):
+            decoded: dict[str, Any] = json.loads(self.stored_payload)
+            return decoded
+        return self.stored_payload
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,40 @@ class _Load:
     seq: int
     entries: list[_Pending]
     complete: bool
+
+
+@dataclass(frozen=True)
+class _Patch:
+    """A committed change of the pending set: a job taken (accepted) or back to pending."""
+
+    taken: str | None
+    requeued: _Pending | None
+
+
+def _patched(
+    view: list[_Pending], complete: bool, patches: Iterable[_Patch]
+) -> tuple[list[_Pending], bool] | None:
+    """Apply changes to a view, in place and in commit order; None when it must be read again.
+    Idempotent: taking a job the view lacks, or putting back one it has, changes nothing."""
+    for patch in patches:
+        if patch.taken is not None:
+            for index, entry in enumerate(view):
+                if entry.uuid == patch.taken:
+                    del view[index]
+                    break
+            if not complete and len(view) < MAX_AVAILABLE_JOBS:
+                return None  # jobs beyond the view would be missing from an answer
+        requeued = patch.requeued
+        if requeued is None or any(e.uuid == requeued.uuid for e in view):
+            continue
+        index = bisect.bisect_left(view, requeued.key, key=lambda e: e.key)
+        if index == len(view) and not complete:
+            continue  # beyond the view: a later read finds it
+        view.insert(index, requeued)
+        if len(view) > _PENDING_CACHE_SIZE:
+            view.pop()
+            complete = False
+    return view, complete
 
 
 def _pending_of(job: Job) -> _Pending:
@@ -124,6 +181,9 @@ class JobService:
         self._pending_complete = False
         self._loads_started = 0
         self._last_load: _Load | None = None
+        # The changes patched in while a read of the view is under way (None: no read, or one that
+        # cannot be kept).
+        self._crossing: list[_Patch] | None = None
         # Called after every committed change (another coordinator process may need to know).
         self.on_change: Callable[[], None] | None = None
         self._pending_lock = asyncio.Lock()
@@ -141,7 +201,8 @@ class JobService:
                 *((jobs.c.type == str(t), self.config.lease_for(t)) for t in JobType),
                 else_=self.config.default_lease_s,
             )
-        pending_columns = (jobs.c.uuid, jobs.c.type, jobs.c.payload, jobs.c.priority, jobs.c.id)
+        stored_payload = cast(jobs.c.payload, Text).label("payload")
+        pending_columns = (jobs.c.uuid, jobs.c.type, stored_payload, jobs.c.priority, jobs.c.id)
         self._by_uuid_statement = select(jobs).where(jobs.c.uuid == bindparam("job_uuid"))
         self._of_runner_statement = select(jobs).where(
             jobs.c.uuid == bindparam("job_uuid"),
@@ -268,7 +329,11 @@ class JobService:
 
     async def _load_view(self) -> tuple[list[_Pending], bool]:
         """The pending view, read once for all the callers waiting: a caller takes the kept view, or
-        the result of a read that started after it arrived (even one not kept), else reads itself."""
+        the result of a read that started after it arrived (even one not kept), else reads itself.
+
+        A read that crossed a change is never kept as read: accepts and aborts committed meanwhile are
+        patched into it (a patch is idempotent, so one the read already saw changes nothing); any other
+        change crossing it means it is not kept at all."""
         arrived_after = self._loads_started
         async with self._pending_lock:
             if self._pending is not None:
@@ -279,22 +344,36 @@ class JobService:
             self._loads_started += 1
             seq = self._loads_started
             generation = self._generation
-            rows = await self.db.read_statement(lambda conn: conn.execute(self._view_statement).all())
+            started_at = time.monotonic()
+            crossing: list[_Patch] = []
+            self._crossing = crossing
+            try:
+                rows = await self.db.read_statement(lambda conn: conn.execute(self._view_statement).all())
+                patchable = self._crossing is crossing
+            finally:
+                if self._crossing is crossing:
+                    self._crossing = None
             entries = [_Pending(r.uuid, r.type, r.payload, r.priority, r.id) for r in rows]
             complete = len(entries) <= _PENDING_CACHE_SIZE
             del entries[_PENDING_CACHE_SIZE:]
-            # A copy: the kept view is patched in place, a waiter's answer must not move under it.
-            self._last_load = _Load(seq, list(entries), complete)
+            kept: tuple[list[_Pending], bool] | None = None
             if generation == self._generation:
-                self._pending = entries
-                self._pending_complete = complete
-                self._pending_loaded_at = time.monotonic()
+                kept = entries, complete
+            elif patchable:
+                kept = _patched(list(entries), complete, crossing)
+            if kept is not None:
+                entries, complete = kept
+                # The kept view is patched in place; a waiter's answer must not move under it.
+                self._pending, self._pending_complete = list(entries), complete
+                self._pending_loaded_at = started_at
+            self._last_load = _Load(seq, entries, complete)
             return entries, complete
 
     def invalidate(self) -> None:
         """Forget the in-memory pending view; the next `jobs/request` reads the database."""
         self._generation += 1
         self._pending = None
+        self._crossing = None  # a read under way cannot be kept either
         self._answers.clear()
 
     def _changed(
@@ -302,43 +381,24 @@ class JobService:
     ) -> None:
         """Call after every committed transition: patches the pending view for an accept (`taken`) or a
         job back to pending (`requeued`), drops it for anything else; pings runners if needed."""
-        if taken is not None:
+        if taken is not None or requeued is not None:
+            patch = _Patch(taken, requeued)
             self._generation += 1
             self._answers.clear()
-            self._take_from_view(taken)
-        elif requeued is not None:
-            self._generation += 1
-            self._answers.clear()
-            self._put_in_view(requeued)
+            if self._crossing is not None:
+                self._crossing.append(patch)
+            if self._pending is not None:
+                patched = _patched(self._pending, self._pending_complete, [patch])
+                if patched is None:
+                    self._pending = None
+                else:
+                    self._pending_complete = patched[1]
         else:
             self.invalidate()
         if new_pending:
             self.notify_pending()
         if self.on_change is not None:
             self.on_change()
-
-    def _take_from_view(self, job_uuid: str) -> None:
-        view = self._pending
-        if view is None:
-            return
-        for index, entry in enumerate(view):
-            if entry.uuid == job_uuid:
-                del view[index]
-                break
-        if not self._pending_complete and len(view) < MAX_AVAILABLE_JOBS:
-            self._pending = None  # jobs beyond the view would be missing from an answer
-
-    def _put_in_view(self, entry: _Pending) -> None:
-        view = self._pending
-        if view is None or any(e.uuid == entry.uuid for e in view):
-            return  # a read that already saw it pending
-        index = bisect.bisect_left(view, entry.key, key=lambda e: e.key)
-        if index == len(view) and not self._pending_complete:
-            return  # beyond the view: a later read finds it
-        view.insert(index, entry)
-        if len(view) > _PENDING_CACHE_SIZE:
-            view.pop()
-            self._pending_complete = False
 
     # ---------------------------------------------------------------- creation
 
