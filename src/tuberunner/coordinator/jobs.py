@@ -175,7 +175,7 @@ class JobService:
         # The first pending jobs in (priority, id) order, patched in place by this process's own
         # accepts and aborts, dropped by any other change; None until read again.
         self._pending: list[_Pending] | None = None
-        # Bumped by every change: a view read while a change committed is never kept.
+        # Bumped by every change: a view read while a change committed is never kept as read.
         self._generation = 0
         self._pending_loaded_at = 0.0
         self._pending_complete = False
