@@ -12,9 +12,10 @@ import pytest
 import socketio
 
 from tests.coordinator.test_runner_api import Env
+from tests.support.protocol import admin_headers
 from tests.support.servers import ADMIN_TOKEN, RunningCoordinator, serve_coordinator
 from tuberunner.coordinator.config import CoordinatorConfig
-from tuberunner.protocol.jobs import JobState, JobType
+from tuberunner.protocol.jobs import AVAILABLE_JOBS_EVENT, JOBS_TAKEN_BACK_EVENT, JobState, JobType
 
 
 @pytest.fixture
@@ -24,17 +25,22 @@ async def env(coordinator: RunningCoordinator, result_files: dict[str, Path]) ->
 
 
 class Listener:
-    """A connected runner socket that counts `available-jobs` pings."""
+    """A connected runner socket that records `available-jobs` pings and jobs-taken-back events."""
 
     def __init__(self) -> None:
         self.client = socketio.AsyncClient(reconnection=False)
         self.pings: asyncio.Queue[float] = asyncio.Queue()
+        self.taken_back: asyncio.Queue[float] = asyncio.Queue()
         self.refusals: list[Any] = []
-        self.client.on("available-jobs", self._on_ping, namespace="/runners")
+        self.client.on(AVAILABLE_JOBS_EVENT, self._on_ping, namespace="/runners")
+        self.client.on(JOBS_TAKEN_BACK_EVENT, self._on_taken_back, namespace="/runners")
         self.client.on("connect_error", self.refusals.append, namespace="/runners")
 
     async def _on_ping(self, *_: Any) -> None:
         self.pings.put_nowait(time.monotonic())
+
+    async def _on_taken_back(self, *_: Any) -> None:
+        self.taken_back.put_nowait(time.monotonic())
 
     async def connect(self, url: str, auth: Any) -> None:
         await self.client.connect(
@@ -143,3 +149,76 @@ async def test_socket_connect_records_last_contact(env: Env) -> None:
         assert env.c.runners.contact_of(auth.runner.id) is not None
     finally:
         await listener.client.disconnect()
+
+
+async def _holder_and_bystander(env: Env) -> tuple[str, str, Listener, Listener]:
+    """A runner processing a fresh job and another runner, both with a connected socket."""
+    holder = await env.register("holder")
+    bystander = await env.register("bystander")
+    seeded = await env.seed(children=0)
+    await env.accept(holder, seeded.parent)
+    holder_socket, bystander_socket = Listener(), Listener()
+    await holder_socket.connect(env.running.url, {"runnerToken": holder})
+    await bystander_socket.connect(env.running.url, {"runnerToken": bystander})
+    return seeded.parent, holder, holder_socket, bystander_socket
+
+
+@pytest.mark.parametrize("action", ["cancel", "delete"])
+async def test_cancelling_or_deleting_a_processing_job_tells_its_runner_only(env: Env, action: str) -> None:
+    job_uuid, _, holder, bystander = await _holder_and_bystander(env)
+    try:
+        path = (
+            f"/api/v1/runners/jobs/{job_uuid}/cancel"
+            if action == "cancel"
+            else f"/api/v1/runners/jobs/{job_uuid}"
+        )
+        method = "POST" if action == "cancel" else "DELETE"
+        r = await env.http.request(method, path, headers=admin_headers())
+        assert r.status_code == 204, r.text
+        await asyncio.wait_for(holder.taken_back.get(), 5)
+        assert bystander.taken_back.empty()
+    finally:
+        await holder.client.disconnect()
+        await bystander.client.disconnect()
+
+
+async def test_cancelling_a_pending_job_tells_no_runner(env: Env) -> None:
+    token = await env.register("idle")
+    seeded = await env.seed(children=0)
+    listener = Listener()
+    await listener.connect(env.running.url, {"runnerToken": token})
+    try:
+        r = await env.http.post(f"/api/v1/runners/jobs/{seeded.parent}/cancel", headers=admin_headers())
+        assert r.status_code == 204, r.text
+        assert await env.state(seeded.parent) == JobState.CANCELLED
+        # An absence: nothing to await but a window as long as the positive cases' delivery takes.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(listener.taken_back.get(), 0.3)
+    finally:
+        await listener.client.disconnect()
+
+
+async def test_an_expired_lease_tells_the_runner_that_held_the_job(
+    tmp_path: Path, database_url: str | None, result_files: dict[str, Path]
+) -> None:
+    # A lease the reaper loop never reaches on its own (reaped by hand below, once it has expired).
+    config = CoordinatorConfig(
+        data_dir=tmp_path / "c",
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        default_lease_s=0.2,
+        reaper_interval_s=3600,
+    )
+    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url) as http:
+        env = Env(running, http, result_files)
+        job_uuid, _, holder, bystander = await _holder_and_bystander(env)
+        try:
+            deadline = time.monotonic() + 10
+            while await env.state(job_uuid) != JobState.PENDING:
+                assert time.monotonic() < deadline, "the lease never expired"
+                await env.c.jobs.reap_expired()
+            await asyncio.wait_for(holder.taken_back.get(), 5)
+            assert bystander.taken_back.empty()
+        finally:
+            await holder.client.disconnect()
+            await bystander.client.disconnect()

@@ -103,8 +103,12 @@ def e2e_coordinator_config(data_dir: Path, database_url: str | None = None) -> C
 
 
 @pytest.fixture
-def coordinator_config(tmp_path: Path, database_url: str | None) -> CoordinatorConfig:
-    return e2e_coordinator_config(tmp_path / "coordinator", database_url)
+def coordinator_config(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str | None
+) -> CoordinatorConfig:
+    """Overridden per test with `parametrize("coordinator_config", [{field: value}], indirect=True)`."""
+    overrides: dict[str, Any] = getattr(request, "param", {})
+    return replace(e2e_coordinator_config(tmp_path / "coordinator", database_url), **overrides)
 
 
 # ------------------------------------------------------------------------------------------ media

@@ -42,6 +42,7 @@ class Coordinator:
         # With Redis, several coordinator processes share the database and tell each other what changed.
         self.bus = ChangeBus(config.redis_url) if config.redis_url else None
         self.runners.on_removed = self._runners_removed
+        self.jobs.on_taken_back = self.notifier.jobs_taken_back
         if self.bus is not None:
             self.jobs.on_change = self.bus.jobs_changed
         self.admin = AdminAuth(self.db, config.admin_token)

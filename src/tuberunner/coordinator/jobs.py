@@ -186,6 +186,9 @@ class JobService:
         self._crossing: list[_Patch] | None = None
         # Called after every committed change (another coordinator process may need to know).
         self.on_change: Callable[[], None] | None = None
+        # Told, after the commit, which runners lost a job they were processing to someone else's
+        # decision (cancel, delete, lease expiry): they stop its work without waiting for a heartbeat.
+        self.on_taken_back: Callable[[set[int]], None] | None = None
         self._pending_lock = asyncio.Lock()
         self._answers: dict[tuple[str, frozenset[str] | None], bytes] = {}
         self._completions: dict[int, asyncio.Task[None]] = {}
@@ -693,6 +696,7 @@ class JobService:
             )
         expired = [Job.from_row(r) for r in rows]
         requeued = 0
+        holders: set[int] = set()
         for job in expired:
             if job.state == JobState.COMPLETING:
                 if job.id not in self._completions:
@@ -743,8 +747,11 @@ class JobService:
                     "lease of job %s (%s) expired (%d time(s)); taken back", job.uuid, job.type, expiries
                 )
                 self.lease_expiries_total += 1
+                if job.runner_id is not None:
+                    holders.add(job.runner_id)
         if expired:
             self._changed(new_pending=requeued > 0)
+        self._taken_back(holders)
         return len(expired)
 
     # ---------------------------------------------------------------- admin transitions
@@ -770,6 +777,8 @@ class JobService:
                 raise BadRequest(Message.CANNOT_CANCEL)
             await self._mark_descendants(conn, [job.id], JobState.PARENT_CANCELLED, None, now)
         self._changed(new_pending=False)
+        if job.state == JobState.PROCESSING and job.runner_id is not None:
+            self._taken_back({job.runner_id})
 
     async def delete(self, job: Job) -> None:
         """Cancel if cancellable, then delete the job and (by cascade) its descendants."""
@@ -812,6 +821,10 @@ class JobService:
             ):
                 count += 1
         return count
+
+    def _taken_back(self, runner_ids: set[int]) -> None:
+        if runner_ids and self.on_taken_back is not None:
+            self.on_taken_back(runner_ids)
 
     def runners_removed(self, requeued: int) -> None:
         self._changed(new_pending=requeued > 0)

@@ -1,4 +1,5 @@
-"""The `/runners` socket.io namespace: token check on connect, coalesced `available-jobs` pings."""
+"""The `/runners` socket.io namespace: token check on connect, coalesced `available-jobs` pings, and
+`tuberunner-jobs-taken-back` sent to the runner whose processing job was cancelled, deleted or expired."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socketio
 
 from tuberunner.coordinator.runners import RunnerRegistry
 from tuberunner.protocol.errors import Message
+from tuberunner.protocol.jobs import AVAILABLE_JOBS_EVENT, JOBS_TAKEN_BACK_EVENT
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/runners"
@@ -35,9 +37,15 @@ class RunnersNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         client = scope.get("client") or (None,)
         self.registry.touch(runner.runner.id, client[0])
         self.runner_of_sid[sid] = runner.runner.id
+        # A room per runner: with the Redis manager, any coordinator process can reach its sockets.
+        await self.enter_room(sid, room_of(runner.runner.id))
 
     async def on_disconnect(self, sid: str, *_: Any) -> None:
         self.runner_of_sid.pop(sid, None)
+
+
+def room_of(runner_id: int) -> str:
+    return f"runner-{runner_id}"
 
 
 class Notifier:
@@ -52,7 +60,9 @@ class Notifier:
         self.sio.register_namespace(self.namespace)
         self.debounce_s = debounce_s
         self._scheduled: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
         self.pings_sent = 0
+        self.taken_back_sent = 0
 
     def available_jobs(self) -> None:
         if self._scheduled is not None and not self._scheduled.done():
@@ -64,10 +74,27 @@ class Notifier:
     async def _emit_later(self) -> None:
         await asyncio.sleep(self.debounce_s)
         try:
-            await self.sio.emit("available-jobs", namespace=NAMESPACE)
+            await self.sio.emit(AVAILABLE_JOBS_EVENT, namespace=NAMESPACE)
             self.pings_sent += 1
         except Exception:
             log.exception("could not send the available-jobs ping")
+
+    def jobs_taken_back(self, runner_ids: set[int]) -> None:
+        """Tell these runners (at once, not debounced: their ffmpeg is burning CPU for nothing) to check
+        their jobs. The event carries nothing: the runner asks the server which of its jobs still hold."""
+        task = asyncio.get_running_loop().create_task(
+            self._emit_taken_back(sorted(runner_ids)), name="jobs-taken-back"
+        )
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _emit_taken_back(self, runner_ids: list[int]) -> None:
+        for runner_id in runner_ids:
+            try:
+                await self.sio.emit(JOBS_TAKEN_BACK_EVENT, to=room_of(runner_id), namespace=NAMESPACE)
+                self.taken_back_sent += 1
+            except Exception:  # the runner still learns it at its next heartbeat
+                log.exception("could not tell runner %d its job was taken back", runner_id)
 
     async def disconnect_runners(self, runner_ids: set[int]) -> None:
         """Close sockets of removed runners: their next connection attempt learns the token is gone."""
@@ -78,6 +105,8 @@ class Notifier:
     async def close(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
+        for task in list(self._sending):
+            task.cancel()
         # The Redis manager (several processes) listens in a task of its own and keeps a connection.
         manager = self.sio.manager
         listener = getattr(manager, "thread", None)

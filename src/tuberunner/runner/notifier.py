@@ -117,9 +117,11 @@ class SocketNotifier:
                 self._failed(f"no connection within {self.connect_timeout_s:g} s")
                 return False
             except Exception as exc:  # socketio, aiohttp and OS errors: the socket is only a hint
+                _raise_if_cancel_swallowed()
                 reason = rejection[-1] if rejection else f"{type(exc).__name__}: {exc}"
                 self._failed(reason)
                 return False
+            _raise_if_cancel_swallowed()
             connected = True
             log.info("socket to %s connected", self.url)
             await ended.wait()
@@ -135,3 +137,11 @@ class SocketNotifier:
     def _failed(self, reason: str) -> None:
         log.warning("socket to %s failed (%s); polling continues, retrying later", self.url, reason)
         self.on_connection(False, f"socket: {reason}")
+
+
+def _raise_if_cancel_swallowed() -> None:
+    """python-socketio's connect() may catch the CancelledError meant for us and end normally or with
+    an error of its own: the cancel would be lost and the runner could never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
