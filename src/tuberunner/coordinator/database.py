@@ -2,7 +2,10 @@
 
 SQLite allows one writer at a time; instead of letting concurrent transactions fight over the file lock
 (SQLITE_BUSY, retries, latency spikes) the coordinator serialises its own writes with an asyncio lock and
-keeps each write transaction short: no network I/O and no file copying happens inside one.
+keeps each write transaction short: no network I/O and no file copying happens inside one. On a SQLite
+file, single statements (`write_statement`, `read_statement`) run on the event loop's thread through a
+connection kept for them (`sqlite_inline`), under the same lock for writes; a statement that cannot run
+there (the file locked by another process) goes through aiosqlite, as transactions always do.
 PostgreSQL needs no such lock: correctness comes from conditional UPDATEs (`... WHERE state = pending`).
 On PostgreSQL every round trip counts: reads and single-statement writes run without BEGIN/COMMIT
 (autocommit), those of the hot paths on connections kept for them out of the pool; pooled connections are
@@ -24,6 +27,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from tuberunner.coordinator.sqlite_inline import InlineSqlite, NotDone
 
 T = TypeVar("T")
 
@@ -48,7 +53,8 @@ class Database:
             kwargs.update(pool_size=PG_POOL_SIZE, max_overflow=PG_POOL_OVERFLOW, pool_pre_ping=False)
             if _is_plain_loopback(url):
                 kwargs["connect_args"] = {"ssl": False}
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # Parameters hold tokens: kept out of exception texts (which end in logs).
+        self.engine: AsyncEngine = create_async_engine(url, hide_parameters=True, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
@@ -57,6 +63,11 @@ class Database:
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._lender = None if self.is_sqlite else _Lender(self.engine, PG_LENT_CONNECTIONS)
+        path = make_url(url).database if self.is_sqlite else None
+        # Not for an in-memory database (each connection has its own) nor a `file:` URI (not a path).
+        self._inline = (
+            InlineSqlite(path) if path and path != ":memory:" and not path.startswith("file:") else None
+        )
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent, safe on every start)."""
@@ -75,17 +86,33 @@ class Database:
 
     async def write_statement(self, statement: Callable[[Connection], T]) -> T:
         """Run `statement` (one write statement, results read inside) and commit it: on PostgreSQL in
-        autocommit (a conditional UPDATE is atomic by itself), on SQLite as `write()`. One hop into
-        SQLAlchemy's sync layer instead of one per step."""
+        autocommit (a conditional UPDATE is atomic by itself), on a SQLite file on the loop's thread
+        under the write lock, else as `write()`. One hop into SQLAlchemy's sync layer at most instead of
+        one per step."""
         if self._lender is not None:
             return await self._lender.run(statement)
-        async with self.write() as conn:
-            return await conn.run_sync(statement)
+        assert self._write_lock is not None
+        async with self._write_lock:
+            if self._inline is not None:
+                try:
+                    return self._inline.write(statement)
+                except NotDone:
+                    pass  # nothing was done: aiosqlite's thread waits for the lock instead of the loop
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(statement)
 
     async def read_statement(self, statement: Callable[[Connection], T]) -> T:
-        """Run a short read (`statement`, results read inside), as `write_statement` does."""
+        """Run a short read (`statement`, results read inside), as `write_statement` does. On SQLite it
+        runs on the loop's thread too: an indexed read costs less than the hops to a reader thread, and
+        that thread would wait for the GIL at every row while the loop is busy. Not for reads of
+        unbounded size."""
         if self._lender is not None:
             return await self._lender.run(statement)
+        if self._inline is not None:
+            try:
+                return self._inline.read(statement)
+            except NotDone:
+                pass  # another process recovering the WAL, say: aiosqlite's thread waits instead
         async with self.engine.connect() as conn:
             return await conn.run_sync(statement)
 
@@ -103,6 +130,9 @@ class Database:
     async def dispose(self) -> None:
         if self._lender is not None:
             await self._lender.close()
+        if self._inline is not None:
+            # No inline statement is under way: none of them awaits anything.
+            await self._inline.close()
         await self.engine.dispose()
 
 
