@@ -25,7 +25,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from tuberunner.coordinator.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from tuberunner.coordinator.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType, invalid_params
 
 _MAX_FIELDS = 200
 _MAX_FIELD_BYTES = 64 * 1024
@@ -80,6 +80,7 @@ async def read_body(
             body.fields = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
         else:
             raise UnsupportedMediaType(f"Unsupported content type: {content_type.decode('latin-1')}")
+        _check_text(body.fields)
         yield body
     finally:
         for upload in body.files.values():
@@ -106,12 +107,49 @@ async def _read_small(request: Request, limit: int) -> bytes:
 
 def _parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"Malformed JSON body: {exc}") from exc
     if not isinstance(value, dict):
         raise BadRequest("The JSON body must be an object")
     return value
+
+
+def _not_json(constant: str) -> Any:
+    """`NaN` and `Infinity` are not JSON (Python reads them; PostgreSQL's json refuses them)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _storable(text: str) -> bool:
+    """Text every database takes: no NUL (PostgreSQL refuses it) and valid UTF-8 (no lone surrogate,
+    which a JSON `\\ud800` escape can produce)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(fields: dict[str, Any]) -> None:
+    """400 naming every field holding text that could not be stored or answered (iterative: a deeply
+    nested JSON body must not exhaust the stack here)."""
+    bad: list[str] = []
+    for name, value in fields.items():
+        pending: list[Any] = [name, value]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str) and not _storable(item):
+                bad.append(name.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00"))
+                break
+            if isinstance(item, dict):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
+    if bad:
+        raise invalid_params(bad)
 
 
 def _set_field(fields: dict[str, Any], name: str, value: Any) -> None:

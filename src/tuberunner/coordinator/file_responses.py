@@ -16,7 +16,10 @@ from pathlib import Path
 import anyio
 from starlette.responses import Response, StreamingResponse
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+from tuberunner.coordinator.problems import Problem, problem_response
+
+# ASCII digits, bounded: `int()` refuses more than 4300 digits (and `\d` takes other scripts' digits).
+_RANGE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$")
 _CHUNK = 256 * 1024
 
 mimetypes.add_type("application/vnd.apple.mpegurl", ".m3u8")
@@ -43,7 +46,7 @@ def file_response(path: Path, range_header: str | None, *, media_type: str | Non
     if range_header:
         match = _RANGE.match(range_header.strip())
         if match is None or (not match.group(1) and not match.group(2)):
-            return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
+            return _not_satisfiable(size)
         first, last = match.group(1), match.group(2)
         if first:
             start = int(first)
@@ -51,13 +54,20 @@ def file_response(path: Path, range_header: str | None, *, media_type: str | Non
         else:  # suffix range: the last N bytes
             start = max(size - int(last), 0)
         if start >= size or start >= end:
-            return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
+            return _not_satisfiable(size)
         status = 206
         headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
     headers["content-length"] = str(end - start)
     return StreamingResponse(
         _read(path, start, end), status_code=status, headers=headers, media_type=media_type
     )
+
+
+def _not_satisfiable(size: int) -> Response:
+    """416 as a problem document, like every refusal (spec §2.3)."""
+    problem = Problem("Range not satisfiable", headers={"content-range": f"bytes */{size}"})
+    problem.status = 416
+    return problem_response(None, problem)
 
 
 async def _read(path: Path, start: int, end: int) -> AsyncIterator[bytes]:
