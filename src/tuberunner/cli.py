@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from tuberunner import __version__
+from tuberunner.ops.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from tuberunner.oneshot.session import TranscodeOptions as TranscodeOptionsType
+    from tuberunner.ops.sd_notify import SystemdNotifier
 from tuberunner.runner import cli as runner_cli
 
 app = typer.Typer(help="Tuberunner: PeerTube-compatible remote runner and coordinator.", no_args_is_help=True)
@@ -22,21 +27,26 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(runner_cli.app)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    # Migration chatter and one line per HTTP request are noise unless debugging.
-    for noisy in ("alembic", "httpx"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 @app.callback()
 def _root(
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")] = "info",
+    log_level: Annotated[
+        str, typer.Option("--log-level", envvar="TUBERUNNER_LOG_LEVEL", help=", ".join(LOG_LEVELS))
+    ] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="TUBERUNNER_LOG_FORMAT",
+            help="text (human-readable) or json (one JSON object per line)",
+        ),
+    ] = "text",
 ) -> None:
-    _setup_logging(log_level)
+    """Logging options go before the command: `tuberunner --log-format json server`."""
+    if log_level.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(f"one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
+    configure_logging(log_level, log_format)
 
 
 @app.command()
@@ -68,11 +78,12 @@ def coordinator_serve(
         ),
     ] = None,
 ) -> None:
-    """Serve the runner, admin and ingest APIs."""
+    """Serve the runner, admin and ingest APIs, and /healthz, /readyz, /metrics."""
     import uvicorn
 
     from tuberunner.coordinator.app import create_app
     from tuberunner.coordinator.config import CoordinatorConfig
+    from tuberunner.ops.sd_notify import SystemdNotifier
 
     config = CoordinatorConfig(
         data_dir=data_dir,
@@ -82,16 +93,36 @@ def coordinator_serve(
         admin_token=os.environ.get("TUBERUNNER_ADMIN_TOKEN") or None,
         redis_url=redis_url,
     )
-    uvicorn.run(
-        create_app(config),
+    systemd = SystemdNotifier.from_env()
+    server_config = uvicorn.Config(
+        create_app(config, systemd=systemd),
         host=host,
         port=port,
-        log_level="warning",
+        # Our logging set-up (level and format) applies to uvicorn's lines too.
+        log_config=None,
         ws="websockets-sansio",
         timeout_graceful_shutdown=10,
         # A line per request costs more than the hot path itself; problems are logged by the app.
         access_log=False,
     )
+    _notifying_server(server_config, systemd).run()
+
+
+def _notifying_server(config: uvicorn.Config, systemd: SystemdNotifier) -> uvicorn.Server:
+    """uvicorn's server telling systemd READY=1 once it listens and STOPPING=1 when it stops."""
+    import uvicorn
+
+    class NotifyingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                systemd.ready(f"serving on {config.host}:{config.port}")
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            systemd.stopping()
+            await super().shutdown(sockets)
+
+    return NotifyingServer(config)
 
 
 registration_token_app = typer.Typer(help="Registration tokens of a coordinator.", no_args_is_help=True)
@@ -208,10 +239,37 @@ def transcode(
     web_video: Annotated[bool, typer.Option("--web-video/--no-web-video", help="Keep MP4 files")] = True,
     storyboard: Annotated[bool, typer.Option("--storyboard", help="Make a storyboard sprite sheet")] = False,
     runners: Annotated[int, typer.Option("--runners", min=1, max=16, help="Jobs run in parallel")] = 1,
+    cut: Annotated[
+        str | None,
+        typer.Option("--cut", metavar="START-END", help="Keep START to END seconds (either may be empty)"),
+    ] = None,
+    intro: Annotated[Path | None, typer.Option("--intro", metavar="FILE", help="Video put before")] = None,
+    outro: Annotated[Path | None, typer.Option("--outro", metavar="FILE", help="Video put after")] = None,
+    watermark: Annotated[
+        Path | None, typer.Option("--watermark", metavar="FILE", help="Image put in the top right corner")
+    ] = None,
+    transcribe: Annotated[
+        str | None,
+        typer.Option(
+            "--transcribe",
+            metavar="[LANG]",
+            help="Make a WebVTT caption; LANG (e.g. fr) or nothing to detect the language",
+        ),
+    ] = None,
+    transcription_model: Annotated[
+        str | None,
+        typer.Option(
+            "--transcription-model",
+            metavar="NAME|DIR",
+            help="Whisper model name (default small) or a local CTranslate2 model folder",
+        ),
+    ] = None,
 ) -> None:
     """Transcode one file into MP4s, an HLS ladder and more, with an embedded coordinator and runners.
 
-    Running the same command again resumes: completed jobs are not redone."""
+    Studio edits (--cut, --intro, --outro, --watermark) are made first, in that order, by a studio job;
+    the outputs are those of the edited video. Running the same command again resumes: completed jobs are
+    not redone."""
     from tuberunner.oneshot.session import TranscodeOptions
 
     options = TranscodeOptions(
@@ -222,8 +280,56 @@ def transcode(
         web_video=web_video,
         storyboard=storyboard,
         runners=runners,
+        cut=_parse_cut(cut),
+        intro=intro,
+        outro=outro,
+        watermark=watermark,
+        transcribe=_parse_transcribe(transcribe),
+        transcription_model=transcription_model,
     )
     raise typer.Exit(_run_transcode(options))
+
+
+_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+
+
+def _parse_transcribe(value: str | None) -> str | None:
+    """`--transcribe` alone is "auto" (see `_optional_transcribe_value`), else a language code."""
+    if value is None or value == "auto":
+        return value
+    if not _LANGUAGE.match(value.strip().lower()):
+        raise typer.BadParameter("a language code such as en or fr, or nothing", param_hint="--transcribe")
+    return value.strip().lower()
+
+
+def _optional_transcribe_value(argv: list[str]) -> list[str]:
+    """`--transcribe` takes an optional value (Click options cannot): when what follows is not a language
+    code (another option, the input file, nothing), "auto" is put in."""
+    fixed: list[str] = []
+    for index, arg in enumerate(argv):
+        fixed.append(arg)
+        if arg == "--transcribe":
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is None or not _LANGUAGE.match(following):
+                fixed.append("auto")
+    return fixed
+
+
+def _parse_cut(value: str | None) -> tuple[float | None, float | None] | None:
+    """`START-END` in seconds (`1.5-10`, `-10`, `5-`) → (start, end)."""
+    if value is None:
+        return None
+    start_text, separator, end_text = value.strip().partition("-")
+    try:
+        if not separator or not (start_text or end_text):
+            raise ValueError(value)
+        start = float(start_text) if start_text else None
+        end = float(end_text) if end_text else None
+    except ValueError:
+        raise typer.BadParameter("START-END in seconds, e.g. 1.5-10, 5- or -10", param_hint="--cut") from None
+    if start is not None and end is not None and end <= start:
+        raise typer.BadParameter("END must come after START", param_hint="--cut")
+    return start, end
 
 
 @app.command()
@@ -293,4 +399,6 @@ def _run_transcode(options: TranscodeOptionsType) -> int:
 
 
 def main() -> None:
-    app()
+    import sys
+
+    app(args=_optional_transcribe_value(sys.argv[1:]))

@@ -347,6 +347,23 @@ async def test_cancelled_jobs_make_a_cancelled_video(
 
 
 @sqlite_only
+async def test_a_video_whose_root_job_was_deleted_is_cancelled_not_published(
+    client: httpx.AsyncClient, clips: Clips
+) -> None:
+    video_uuid = await upload_ok(client, clips.short, resolutions="240,144", hls="false")
+    video = await video_json(client, video_uuid)
+    parent = next(j for j in video["jobs"]["list"] if j["parentUuid"] is None)
+    # The admin API, as an operator (or PeerTube tooling) would: the children go with the root.
+    response = await client.delete(f"{RUNNERS}/jobs/{parent['uuid']}", headers=ADMIN)
+    assert response.status_code == 204, response.text
+
+    video = await video_json(client, video_uuid)
+    assert video["jobs"]["total"] == 0
+    assert video["outputs"]["webVideos"] == []
+    assert video["state"] == "cancelled"
+
+
+@sqlite_only
 async def test_an_uploaded_preview_is_kept_and_checked(
     coordinator: RunningCoordinator, client: httpx.AsyncClient, clips: Clips, tmp_path: Path
 ) -> None:

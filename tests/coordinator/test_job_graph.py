@@ -235,8 +235,10 @@ def test_no_storyboard_under_three_seconds() -> None:
     assert all(s.type != JobType.STORYBOARD for s in specs)
 
 
-def test_asked_language_stays_private() -> None:
+def test_asked_language_is_sent_as_an_extension_and_kept_to_name_the_caption() -> None:
     specs = graph(media(), resolutions=(720,), transcription=True, transcription_language="fr")
     transcription = next(s for s in specs if s.type == JobType.TRANSCRIPTION)
     assert transcription.private_payload == {"videoUUID": VIDEO_UUID, "language": "fr"}
-    assert "fr" not in str(transcription.payload)
+    assert transcription.payload["language"] == "fr"
+    detected = next(s for s in graph(media(), transcription=True) if s.type == JobType.TRANSCRIPTION)
+    assert "language" not in detected.payload  # PeerTube's own payload shape when nothing is asked

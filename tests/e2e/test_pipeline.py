@@ -245,3 +245,35 @@ async def test_the_daemon_registered_by_the_cli_publishes_a_video_and_stops_clea
     assert state.jobs == []
     (instance,) = state.instances
     assert (instance.runner_name, instance.registration) == ("daemon", "registered")
+
+
+async def test_a_storyboard_job_makes_a_sprite_sheet_of_the_payloads_grid(
+    coordinator: RunningCoordinator, start_runner: StartRunner, media: Media, tmp_path: Path
+) -> None:
+    instance = await register(coordinator.url, "storyboard")
+    runner = await start_runner([instance])
+    await idle(runner)
+    async with admin(coordinator.url) as http:
+        video_uuid = await upload_ok(
+            http, media.upload, resolutions="144", hls="false", webVideo="true", storyboard="true"
+        )
+        listed = (await video_json(http, video_uuid))["jobs"]["list"]
+        (storyboard_job,) = [j for j in listed if j["type"] == "generate-video-storyboard"]
+        job_uuids = [j["uuid"] for j in listed]
+        await runner.wait_for(lambda: all(runner.finished(u)() for u in job_uuids))
+        video = await video_json(http, video_uuid)
+        assert video["state"] == "published", video["errors"]
+        assert runner.outcomes(storyboard_job["uuid"]) == ["succeeded"]
+        runner.assert_idle_and_clean()
+
+        (storyboard,) = video["outputs"]["storyboards"]
+        sprites = storyboard["sprites"]
+        path = await fetch_to(http, storyboard["url"], tmp_path / "storyboard.jpg")
+    # One sprite per `duration` seconds of the 5 s upload, laid out on the payload's grid.
+    assert sprites["count"]["width"] * sprites["count"]["height"] >= 5 // sprites["duration"]
+    info = await probe(path)
+    assert info.video is not None
+    assert (info.video.width, info.video.height) == (
+        sprites["size"]["width"] * sprites["count"]["width"],
+        sprites["size"]["height"] * sprites["count"]["height"],
+    )

@@ -9,21 +9,31 @@ from contextlib import asynccontextmanager
 import socketio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from tuberunner.coordinator import admin_api, ingest_api, runner_api
+from tuberunner.coordinator import admin_api, dashboard, ingest_api, openapi, runner_api
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator
 from tuberunner.coordinator.problems import Problem, problem_response
+from tuberunner.ops import coordinator as ops_api
+from tuberunner.ops.sd_notify import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
 
 def _routes() -> list[BaseRoute]:
-    return [*runner_api.routes, *admin_api.routes, *ingest_api.routes]
+    return [
+        *runner_api.routes,
+        *admin_api.routes,
+        *ingest_api.routes,
+        *openapi.routes,
+        *dashboard.routes,
+        *ops_api.routes,
+    ]
 
 
 async def _on_problem(request: Request, exc: Exception) -> Response:
@@ -43,22 +53,29 @@ async def _on_bug(request: Request, exc: Exception) -> Response:
     return problem_response(request, Problem("Internal error; the coordinator keeps running"))
 
 
-def create_app(config: CoordinatorConfig) -> ASGIApp:
+def create_app(config: CoordinatorConfig, *, systemd: SystemdNotifier | None = None) -> ASGIApp:
+    """`systemd` gets WATCHDOG=1 from the loop monitor (READY=1 is the server's to send, once it listens)."""
     coordinator = Coordinator(config)
+    ops = ops_api.CoordinatorOps(coordinator, systemd)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ops.before_start()
         await coordinator.start()
+        await ops.start()
         try:
             yield
         finally:
+            await ops.stop()
             await coordinator.stop()
 
     app = Starlette(
         routes=_routes(),
         lifespan=lifespan,
         exception_handlers={Problem: _on_problem, HTTPException: _on_http_exception, Exception: _on_bug},
+        middleware=[Middleware(ops_api.JobLogContext)],
     )
     app.state.coordinator = coordinator
+    app.state.ops = ops
     asgi: ASGIApp = socketio.ASGIApp(coordinator.notifier.sio, other_asgi_app=app)
     return asgi

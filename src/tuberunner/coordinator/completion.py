@@ -8,6 +8,7 @@
     video-transcription          vttFile → <uuid>-<lang>.vtt                          kind caption
     generate-video-storyboard    storyboardFile → <uuid>-storyboard.jpg               kind storyboard
     video-studio-transcoding     videoFile → the new source of the video              kind source
+                                 (old outputs and task files removed; the edited video's jobs created)
 
 Every result is checked before it is kept: media files are probed (a file that is not the media its job
 promised raises, and the job becomes errored with the reason), playlists and captions are parsed.
@@ -24,13 +25,16 @@ import asyncio
 import logging
 import os
 import re
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
+from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.job_graph import GraphOptions, build_job_graph, graph_options_from_json
 from tuberunner.coordinator.models import Job, JobResult
 from tuberunner.coordinator.schema import jobs, video_files
 from tuberunner.coordinator.storage import Storage
@@ -58,6 +62,12 @@ _MAX_CAPTION_BYTES: Final = 32 * 1024 * 1024
 # ISO 639-1/-3 with optional subtags (`pt-BR`); anything else (PeerTube's `toto`) names no language.
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
 UNKNOWN_LANGUAGE: Final = "und"
+# What a studio edit makes obsolete: everything derived from the old content, and the edit's own files.
+_REPLACED_BY_STUDIO: Final = frozenset(
+    {"web-video", "hls-video", "hls-playlist", "hls-master", "storyboard", "caption", "task-file"}
+)
+# Only for options a video's record lacks (every upload records them all).
+_DEFAULT_GRAPH_OPTIONS: Final = GraphOptions(resolutions=CoordinatorConfig.resolutions)
 
 _Handler = Callable[[Job, JobResult, Video], Awaitable[None]]
 
@@ -196,10 +206,12 @@ class VideoCompleter:
         )
 
     async def _studio(self, job: Job, result: JobResult, video: Video) -> None:
-        """The edited video becomes the source; producing its new outputs is the job of studio ingest."""
+        """The edited video becomes the source (PeerTube's `onVideoStudioEnded`): what the old content made
+        (web videos, HLS, storyboard, captions) and the task files go, and the video's job graph is built
+        anew from the edited file, its root a child of this job (released when this job completes)."""
         name = f"source-studio-{job.uuid}.mp4"
         dest = self.storage.video_dir(video.uuid) / name
-        info = await self._take_media(job, result, "videoFile", dest)
+        info = await self._take_media(job, result, "videoFile", dest, need_video=True)
         await self.videos.put_file(
             video.id,
             "source",
@@ -209,8 +221,48 @@ class VideoCompleter:
             fps=round(info.video.fps) if info.video else None,
             extra=_media_extra(info),
         )
-        older = [f for f in await self.videos.files(video.id) if f.kind == "source" and f.name != name]
-        await self._forget(older)
+        stale = [
+            f
+            for f in await self.videos.files(video.id)
+            if (f.kind == "source" and f.name != name) or f.kind in _REPLACED_BY_STUDIO
+        ]
+        await self._forget(stale)
+        await self._retranscode(job, video, info)
+
+    async def _retranscode(self, job: Job, video: Video, edited: MediaInfo) -> None:
+        """Create the jobs of the edited video, all waiting for `job` (once: a re-run finds them)."""
+        try:
+            options = graph_options_from_json(video.options, _DEFAULT_GRAPH_OPTIONS)
+            specs = build_job_graph(video.uuid, edited, options)
+        except ValueError as exc:
+            raise ResultError(f"the edited video cannot be transcoded: {exc}") from exc
+        now = time.time()
+        async with self.videos.db.write() as conn:
+            existing = await conn.execute(select(jobs.c.id).where(jobs.c.parent_id == job.id).limit(1))
+            if existing.first() is not None:
+                return
+            ids = {job.uuid: job.id}
+            for spec in specs:
+                inserted = await conn.execute(
+                    insert(jobs).values(
+                        uuid=spec.uuid,
+                        type=str(spec.type),
+                        state=JobState.WAITING_FOR_PARENT_JOB,
+                        priority=spec.priority,
+                        payload=spec.payload,
+                        private_payload=spec.private_payload,
+                        failures=0,
+                        lease_expiries=0,
+                        parent_id=ids[spec.parent_uuid or job.uuid],
+                        video_id=video.id,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                key = inserted.inserted_primary_key
+                assert key is not None
+                ids[spec.uuid] = int(key[0])
+        log.info("video %s: %d job(s) will transcode the edited video", video.uuid, len(specs))
 
     async def _nothing(self, job: Job, result: JobResult, video: Video) -> None:
         return None

@@ -12,6 +12,12 @@ Upload fields: `videofile` (the file), and optional `name`, `resolutions` (comma
 image; an audio upload without one gets a generated still). The upload is streamed to disk, probed, and
 refused with 400 and the probe's reason when it is not media; nothing is kept then.
 
+Studio edits (PeerTube's video studio, applied before anything is transcoded): `cutStart`, `cutEnd`
+(seconds), `introfile`, `outrofile` (videos), `watermarkfile` (an image). With any of them the video's
+first job is one `video-studio-transcoding` job on the original (tasks in the order cut, intro, outro,
+watermark); its completion makes the edited file the source and creates the usual job graph for it. The
+files are kept as the video's task files, served to that job only, and removed once it completes.
+
 Public static files (no token, like PeerTube's): see `video_outputs` for the URL of each kind. A URL only
 ever reaches a file recorded for that video, of that kind, inside that video's folder.
 
@@ -22,6 +28,7 @@ errored (or its parent did), `cancelled` when one was cancelled, else `published
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid as uuidlib
@@ -40,7 +47,13 @@ from tuberunner.coordinator.bodies import UploadedFile, read_body
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
 from tuberunner.coordinator.file_responses import file_response
-from tuberunner.coordinator.job_graph import GraphOptions, build_job_graph, is_audio_upload
+from tuberunner.coordinator.job_graph import (
+    GraphOptions,
+    StudioEdits,
+    build_job_graph,
+    is_audio_upload,
+    studio_job,
+)
 from tuberunner.coordinator.models import Job, iso
 from tuberunner.coordinator.problems import BadRequest, NotFound, PayloadTooLarge, invalid_params
 from tuberunner.coordinator.schema import jobs, video_files, videos
@@ -56,7 +69,8 @@ from tuberunner.protocol.jobs import JobState
 
 log = logging.getLogger(__name__)
 
-_FILE_FIELDS: Final = frozenset({"videofile", "previewfile"})
+_STUDIO_FILE_FIELDS: Final = {"introfile": "intro", "outrofile": "outro", "watermarkfile": "watermark"}
+_FILE_FIELDS: Final = frozenset({"videofile", "previewfile", *_STUDIO_FILE_FIELDS})
 # Room for the multipart framing and text fields around the file(s) in a declared Content-Length.
 _MULTIPART_OVERHEAD_BYTES: Final = 1024 * 1024
 _BOOLEANS: Final = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False}
@@ -71,6 +85,8 @@ _DIGITS: Final = re.compile(r"^[0-9]{1,18}$")
 _PREVIEW_SIZE: Final = "854x480"
 _PREVIEW_COLOR: Final = "0x202020"
 _FFMPEG_TIMEOUT_S: Final = 60.0
+# A cut may end a little past the probed duration (container and stream durations differ slightly).
+_CUT_SLACK_S: Final = 0.1
 _MAX_ROW_ID: Final = 2**31 - 1
 _DEFAULT_COUNT: Final = 15
 _MAX_COUNT: Final = 100
@@ -106,12 +122,18 @@ async def upload_video(request: Request) -> Response:
         preview_info = await _probe_upload(preview.path, "previewfile") if preview is not None else None
         if preview_info is not None and preview_info.video is None:
             raise BadRequest("previewfile is not an image")
+        edits, task_files = await _studio_request(body.fields, body.files, info)
         video_uuid = str(uuidlib.uuid4())
         try:
             specs = build_job_graph(video_uuid, info, options)
         except ValueError as exc:
             raise BadRequest(f"Cannot transcode this file: {exc}") from exc
-        video_id = await _store(c, video_uuid, name, upload, info, preview, options, specs)
+        if edits.any:
+            # The graph above is made again from the edited file when the studio job completes.
+            specs = [studio_job(video_uuid, edits)]
+        video_id = await _store(
+            c, video_uuid, name, upload, info, preview, options, specs, edits=edits, task_files=task_files
+        )
     log.info("video %s (%s) ingested with %d job(s)", video_uuid, name, len(specs))
     return JSONResponse({"video": {"id": video_id, "uuid": video_uuid}})
 
@@ -136,6 +158,9 @@ async def _store(
     preview: UploadedFile | None,
     options: GraphOptions,
     specs: Sequence[Any],
+    *,
+    edits: StudioEdits | None = None,
+    task_files: Mapping[str, UploadedFile] | None = None,
 ) -> int:
     """Move the files in, insert the rows, create the jobs; on any failure undo all of it."""
     folder = c.storage.video_dir(video_uuid)
@@ -149,6 +174,11 @@ async def _store(
             preview.move_to(preview_path)
         elif is_audio_upload(info):
             preview_path = await _make_preview(source, info, folder / "preview.jpg")
+        for task_name, task_upload in (task_files or {}).items():
+            task_upload.move_to(folder / task_name)
+        stored_options = _options_json(options)
+        if edits is not None and edits.any:
+            stored_options["studio"] = edits.as_json()
         now = time.time()
         async with c.db.write() as conn:
             inserted = await conn.execute(
@@ -156,7 +186,7 @@ async def _store(
                     uuid=video_uuid,
                     name=name,
                     state="processing",
-                    options=_options_json(options),
+                    options=stored_options,
                     source=_source_json(info, upload),
                     error=None,
                     created_at=now,
@@ -177,6 +207,8 @@ async def _store(
         )
         if preview_path is not None:
             await c.videos.put_file(video_id, "preview", preview_path.name, preview_path)
+        for task_name in task_files or {}:
+            await c.videos.put_file(video_id, "task-file", task_name, folder / task_name)
         await c.jobs.create(video_id, specs)
     except BaseException:
         if video_id is not None:
@@ -212,6 +244,65 @@ async def _make_preview(source: Path, info: MediaInfo, out: Path) -> Path:
     return out
 
 
+async def _studio_request(
+    fields: Mapping[str, Any], files: Mapping[str, UploadedFile], info: MediaInfo
+) -> tuple[StudioEdits, dict[str, UploadedFile]]:
+    """The studio edits asked for, checked (400 naming every bad field), and their files by served name."""
+    bad: dict[str, str] = {}
+
+    def seconds(name: str) -> float | None:
+        value = fields.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            number = float(value) if isinstance(value, str) and len(value) <= 32 else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            bad[name] = "a number of seconds, 0 or more"
+            return None
+        return number
+
+    start, end = seconds("cutStart"), seconds("cutEnd")
+    if start is not None and start >= info.duration_s:
+        bad["cutStart"] = f"before the end of the video ({info.duration_s:.3f} s)"
+    if end is not None and (end <= (start or 0.0) or end > info.duration_s + _CUT_SLACK_S):
+        bad["cutEnd"] = f"after cutStart and at most the duration of the video ({info.duration_s:.3f} s)"
+    names: dict[str, str | None] = {"intro": None, "outro": None, "watermark": None}
+    task_files: dict[str, UploadedFile] = {}
+    for field, kind in _STUDIO_FILE_FIELDS.items():
+        upload = files.get(field)
+        if upload is None:
+            continue
+        try:
+            task_info = await probe(upload.path)
+        except ProbeError:
+            task_info = None
+        if kind == "watermark":
+            if task_info is None or task_info.video is None:
+                bad[field] = "an image (PNG or JPEG)"
+                continue
+        elif task_info is None or task_info.video is None or task_info.duration_s <= 0:
+            bad[field] = "a video file"
+            continue
+        default = ".png" if kind == "watermark" else ".mp4"
+        served = f"{kind}-{uuidlib.uuid4().hex[:12]}{_safe_suffix(upload.filename, default)}"
+        names[kind] = served
+        task_files[served] = upload
+    edits = StudioEdits(
+        cut_start_s=start,
+        cut_end_s=end,
+        intro=names["intro"],
+        outro=names["outro"],
+        watermark=names["watermark"],
+    )
+    if not bad and edits.any and (is_audio_upload(info) or info.video is None):
+        bad["videofile"] = "a video with a picture: studio edits cannot apply to an audio upload"
+    if bad:
+        raise invalid_params(list(bad), bad)
+    return edits, task_files
+
+
 def _safe_suffix(filename: str, default: str = "") -> str:
     """The client's extension if it is a plain one (`.mp4`), else `default`: a hint for humans and
     for ffmpeg's demuxer guess, never a path component."""
@@ -222,7 +313,8 @@ def _safe_suffix(filename: str, default: str = "") -> str:
 def _video_name(fields: Mapping[str, Any], filename: str) -> str:
     value = fields.get("name")
     if value is None or value == "":
-        stem = Path(filename).stem.strip() if filename else ""
+        # The client's file name may hold anything multipart allows; NUL is no text a database stores.
+        stem = Path(filename).stem.replace("\x00", "").strip() if filename else ""
         return (stem or "video")[:_NAME_MAX]
     if not isinstance(value, str) or not value.strip() or len(value) > _NAME_MAX:
         raise invalid_params(["name"], {"name": f"A name of 1 to {_NAME_MAX} characters"})
@@ -404,14 +496,19 @@ async def _jobs_of(c: Coordinator, video_ids: list[int]) -> dict[int, list[Job]]
     return found
 
 
-def video_state(states: Sequence[JobState]) -> str:
+_PLAYABLE_KINDS = frozenset({"web-video", "hls-master"})
+
+
+def video_state(states: Sequence[JobState], *, playable: bool) -> str:
     if any(not s.is_final for s in states):
         return "processing"
     if any(s in (JobState.ERRORED, JobState.PARENT_ERRORED) for s in states):
         return "failed"
     if any(s in (JobState.CANCELLED, JobState.PARENT_CANCELLED) for s in states):
         return "cancelled"
-    return "published"
+    # Every job done, yet nothing to play: an admin deleted the jobs that would have made it (a
+    # deletion cancels first, and the cancelled rows went with it).
+    return "published" if playable else "cancelled"
 
 
 def video_json(
@@ -433,7 +530,9 @@ def video_json(
         "id": video.id,
         "uuid": video.uuid,
         "name": video.name,
-        "state": video_state([j.state for j in video_jobs]),
+        "state": video_state(
+            [j.state for j in video_jobs], playable=any(f.kind in _PLAYABLE_KINDS for f in files)
+        ),
         "error": "; ".join(e["message"] for e in errors) or None,
         "errors": errors,
         "createdAt": iso(video.created_at),

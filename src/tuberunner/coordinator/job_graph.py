@@ -20,6 +20,11 @@ lower chains lose their web-video element) and HLS jobs carry `deleteWebVideoFil
 web videos once every HLS rendition exists. The uploaded original is kept (kind `source`), so
 `deleteInputFileId` is always null.
 
+A video submitted with studio edits (`StudioEdits`) first gets one `video-studio-transcoding` job (priority
+150, PeerTube's studio priority) on its original; the graph above is built on that job's completion from the
+probe of the edited video, as PeerTube's `onVideoStudioEnded` builds its transcoding jobs
+(`studio_job`, `graph_options_from_json`).
+
 Payload URLs are paths; they are made absolute when served (`models.absolutize`).
 """
 
@@ -43,6 +48,7 @@ from tuberunner.protocol.jobs import JobType
 
 PRIORITY_STORYBOARD: Final = 95
 PRIORITY_REQUIRED_TRANSCODING: Final = 100
+PRIORITY_STUDIO: Final = 150
 PRIORITY_TRANSCRIPTION: Final = 200
 PRIORITY_OPTIONAL_TRANSCODING: Final = 10000
 
@@ -262,8 +268,10 @@ class _Builder:
         )
 
     def transcription(self, language: str | None, parent: str) -> str:
-        # The runner detects the language itself; an asked-for language only names the caption when the
-        # runner reports none (kept in the private payload, never sent to runners).
+        # PeerTube's runners detect the language themselves; an asked-for language is our extension
+        # (`language`: the official runner ignores it, ours transcribes in it) and also names the
+        # caption when the runner reports none (private payload).
+        extension = {"language": language} if language else {}
         return self._add(
             JobType.TRANSCRIPTION,
             PRIORITY_TRANSCRIPTION,
@@ -271,6 +279,125 @@ class _Builder:
             lambda u: {
                 "input": {"videoFileUrl": runner_file_url(u, self.video_uuid, "max-quality/audio")},
                 "output": {},
+                **extension,
             },
-            {"language": language} if language else {},
+            extension,
         )
+
+
+# ------------------------------------------------------------------------------------------ studio
+
+# PeerTube's VIDEO_FILTERS.WATERMARK: the watermark is 1/10 of the video's height, 1/20 of it from the
+# right and top edges.
+WATERMARK_SIZE_RATIO: Final = 0.1
+WATERMARK_HORIZONTAL_MARGIN_RATIO: Final = 0.05
+WATERMARK_VERTICAL_MARGIN_RATIO: Final = 0.05
+
+
+@dataclass(frozen=True)
+class StudioEdits:
+    """Edits asked for at upload; files are task-file names of the video (served under
+    `studio/task-files/<name>`). Tasks run in PeerTube's editor order: cut, intro, outro, watermark."""
+
+    cut_start_s: float | None = None
+    cut_end_s: float | None = None
+    intro: str | None = None
+    outro: str | None = None
+    watermark: str | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.has_cut or any((self.intro, self.outro, self.watermark))
+
+    @property
+    def has_cut(self) -> bool:
+        return self.cut_start_s is not None or self.cut_end_s is not None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cutStart": self.cut_start_s,
+            "cutEnd": self.cut_end_s,
+            "intro": self.intro,
+            "outro": self.outro,
+            "watermark": self.watermark,
+        }
+
+
+def studio_tasks(job_uuid: str, video_uuid: str, edits: StudioEdits) -> list[dict[str, Any]]:
+    """The payload's task list (spec §7.5)."""
+
+    def file(name: str) -> str:
+        return runner_file_url(job_uuid, video_uuid, f"studio/task-files/{name}")
+
+    tasks: list[dict[str, Any]] = []
+    if edits.has_cut:
+        cut: dict[str, Any] = {}
+        if edits.cut_start_s is not None:
+            cut["start"] = edits.cut_start_s
+        if edits.cut_end_s is not None:
+            cut["end"] = edits.cut_end_s
+        tasks.append({"name": "cut", "options": cut})
+    if edits.intro:
+        tasks.append({"name": "add-intro", "options": {"file": file(edits.intro)}})
+    if edits.outro:
+        tasks.append({"name": "add-outro", "options": {"file": file(edits.outro)}})
+    if edits.watermark:
+        tasks.append(
+            {
+                "name": "add-watermark",
+                "options": {
+                    "file": file(edits.watermark),
+                    "watermarkSizeRatio": WATERMARK_SIZE_RATIO,
+                    "horitonzalMarginRatio": WATERMARK_HORIZONTAL_MARGIN_RATIO,
+                    "verticalMarginRatio": WATERMARK_VERTICAL_MARGIN_RATIO,
+                },
+            }
+        )
+    return tasks
+
+
+def studio_job(
+    video_uuid: str, edits: StudioEdits, *, new_uuid: Callable[[], str] = lambda: str(uuidlib.uuid4())
+) -> JobSpec:
+    """The studio job of a video: its tasks on the max-quality file (ValueError when there is none)."""
+    if not edits.any:
+        raise ValueError("no studio edit asked for")
+    job_uuid = new_uuid()
+    return JobSpec(
+        uuid=job_uuid,
+        type=JobType.STUDIO,
+        priority=PRIORITY_STUDIO,
+        payload={
+            "input": {
+                "videoFileUrl": runner_file_url(job_uuid, video_uuid, "max-quality"),
+                "separatedAudioFileUrl": [],
+            },
+            "tasks": studio_tasks(job_uuid, video_uuid, edits),
+            "output": {},
+        },
+        private_payload={"videoUUID": video_uuid, "studio": edits.as_json()},
+    )
+
+
+def graph_options_from_json(stored: dict[str, Any], defaults: GraphOptions) -> GraphOptions:
+    """The options recorded with a video (the ingest API's `options` JSON) back as GraphOptions."""
+
+    def flag(key: str, default: bool) -> bool:
+        value = stored.get(key)
+        return value if isinstance(value, bool) else default
+
+    resolutions = stored.get("resolutions")
+    language = stored.get("transcriptionLanguage")
+    return GraphOptions(
+        resolutions=(
+            tuple(int(r) for r in resolutions)
+            if isinstance(resolutions, list) and all(isinstance(r, int) for r in resolutions)
+            else defaults.resolutions
+        ),
+        hls=flag("hls", defaults.hls),
+        web_video=flag("webVideo", defaults.web_video),
+        split_audio=flag("splitAudio", defaults.split_audio),
+        transcription=flag("transcription", defaults.transcription),
+        transcription_language=language if isinstance(language, str) else None,
+        storyboard=flag("storyboard", defaults.storyboard),
+    )

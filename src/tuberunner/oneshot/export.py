@@ -4,6 +4,8 @@ OUT/
   <name>-<res>p.mp4        web videos (progressive MP4, faststart)
   hls/master.m3u8          HLS master playlist, variant playlists and their fragmented MP4s
   storyboard.jpg           sprite sheet (with --storyboard)
+  <name>-<lang>.vtt        WebVTT caption in the detected (or asked) language (with --transcribe)
+(with --cut/--intro/--outro/--watermark, every output is of the edited video)
   summary.json             what was produced, durations, sizes, encode speed
 """
 
@@ -100,6 +102,8 @@ async def export_outputs(http: httpx.AsyncClient, video: dict[str, Any], out: Pa
     result.summary = {
         "video": {"uuid": video["uuid"], "name": video.get("name"), "state": video["state"]},
         "source": video.get("source"),
+        # The studio edits made before transcoding (cut, intro/outro/watermark task file names), if any.
+        "studio": (video.get("options") or {}).get("studio"),
         "webVideos": web_videos,
         "hls": hls,
         "storyboards": storyboards,

@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,21 +57,45 @@ class TranscodeOptions:
     runners: int = 1
     # ffmpeg threads per job (0: ffmpeg decides).
     threads: int = 0
+    # Studio edits, applied before transcoding: keep (start, end) seconds (None: from the start / to the
+    # end), put a video before / after, overlay an image in the top right corner.
+    cut: tuple[float | None, float | None] | None = None
+    intro: Path | None = None
+    outro: Path | None = None
+    watermark: Path | None = None
+    # Speech to a WebVTT caption: "auto" (the language is detected) or a language code; None: no caption.
+    transcribe: str | None = None
+    # The transcription model: a name (tiny, small, large-v3, ...) or a local CTranslate2 model folder.
+    transcription_model: str | None = None
+
+    def studio_files(self) -> dict[str, Path]:
+        """The studio files by upload field."""
+        files = {"introfile": self.intro, "outrofile": self.outro, "watermarkfile": self.watermark}
+        return {name: path for name, path in files.items() if path is not None}
 
     def submission_key(self) -> str:
         """Identifies "the same command on the same file": resuming is only done for that."""
         stat = self.input.stat()
-        raw = json.dumps(
-            [
-                str(self.input.resolve()),
-                stat.st_size,
-                stat.st_mtime_ns,
-                self.resolutions,
-                self.hls,
-                self.web_video,
-                self.storyboard,
-            ]
-        )
+        key: list[object] = [
+            str(self.input.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            self.resolutions,
+            self.hls,
+            self.web_video,
+            self.storyboard,
+        ]
+        edits: list[object] = []
+        if self.cut is not None:
+            edits.append(list(self.cut))
+        for upload_field, path in self.studio_files().items():
+            edit_stat = path.stat()
+            edits.append([upload_field, str(path.resolve()), edit_stat.st_size, edit_stat.st_mtime_ns])
+        if edits:  # keys of commands without edits stay what they were
+            key.append(edits)
+        if self.transcribe is not None:
+            key.append(["transcribe", self.transcribe])
+        raw = json.dumps(key)
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -93,6 +117,10 @@ def check_paths(options: TranscodeOptions) -> None:
         raise TranscodeError(f"input not found: {options.input}", exit_code=2)
     if not options.input.is_file():
         raise TranscodeError(f"input is not a file: {options.input}", exit_code=2)
+    for upload_field, path in options.studio_files().items():
+        if not path.is_file():
+            option = upload_field.removesuffix("file")
+            raise TranscodeError(f"--{option} file not found: {path}", exit_code=2)
     try:
         options.output.mkdir(parents=True, exist_ok=True)
         probe = options.output / f".write-test-{secrets.token_hex(4)}"
@@ -123,6 +151,8 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
         ffmpeg_nice=0,
         min_free_disk_bytes=64 * 1024**2,
     )
+    if options.transcribe is not None:
+        runner_config = _with_transcription(runner_config, options.transcription_model)
     try:
         settings = await processing_settings(runner_config)
     except FfmpegUnavailable as exc:
@@ -150,6 +180,24 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
         elapsed_s=time.monotonic() - started,
         jobs_done_before=done_before,
     )
+
+
+def _with_transcription(config: RunnerConfig, model: str | None) -> RunnerConfig:
+    """The runners' `[transcription]` settings for --transcribe; TranscodeError when it cannot run here."""
+    from tuberunner.runner.processors.transcription import transcription_settings
+    from tuberunner.transcription import engine_problem
+
+    if model is not None:
+        is_path = Path(model).expanduser().exists() or "/" in model
+        config = replace(
+            config,
+            transcription_model_path=str(Path(model).expanduser()) if is_path else None,
+            transcription_model=config.transcription_model if is_path else model,
+        )
+    problem = engine_problem(transcription_settings(config))
+    if problem is not None:
+        raise TranscodeError(f"--transcribe: {problem}", exit_code=2)
+    return config
 
 
 async def _start_runners(
@@ -216,11 +264,25 @@ async def _submit_or_resume(
     }
     if options.resolutions:
         fields["resolutions"] = ",".join(str(r) for r in options.resolutions)
-    with options.input.open("rb") as handle:
+    if options.transcribe is not None:
+        fields["transcription"] = "true" if options.transcribe == "auto" else options.transcribe
+    if options.cut is not None:
+        start, end = options.cut
+        if start is not None:
+            fields["cutStart"] = f"{start:g}"
+        if end is not None:
+            fields["cutEnd"] = f"{end:g}"
+    with ExitStack() as opened:
+        parts = {"videofile": (options.input.name, opened.enter_context(options.input.open("rb")))}
+        for upload_field, path in options.studio_files().items():
+            parts[upload_field] = (path.name, opened.enter_context(path.open("rb")))
         answer = await http.post(
             "/api/v1/videos",
             data=fields,
-            files={"videofile": (options.input.name, handle, "application/octet-stream")},
+            files={
+                name: (filename, handle, "application/octet-stream")
+                for name, (filename, handle) in parts.items()
+            },
         )
     if answer.status_code != 200:
         raise TranscodeError(_problem(answer, f"cannot take {options.input}"))
@@ -259,7 +321,9 @@ def _check_runnable(video: dict[str, Any]) -> None:
     from tuberunner.runner.processors import PROCESSORS
 
     for job in video["jobs"].get("list", []):
-        if job["state"]["label"] == "Pending" and job["type"] not in PROCESSORS:
+        # Transcription jobs exist only with --transcribe, whose engine was checked before starting.
+        runnable = job["type"] in PROCESSORS or job["type"] == "video-transcription"
+        if job["state"]["label"] == "Pending" and not runnable:
             raise TranscodeError(f"no runner of this version can run {job['type']} jobs")
 
 

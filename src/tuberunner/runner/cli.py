@@ -331,11 +331,14 @@ def _not_running(paths: RunnerPaths, state: DaemonState | None, as_json: bool) -
 
 
 def _jobs_table(state: DaemonState) -> Table:
-    table = Table("Job", "Type", "Instance", "Phase", "Progress", "ETA", "Started")
+    table = Table("Job", "Type", "Instance", "Phase", "Progress", "Speed", "ETA", "Started")
     for job in state.jobs:
         progress = "?" if job.progress is None else f"{job.progress:.0f} %"
+        speed = "" if job.speed is None else f"{job.speed:.2f}x"
         eta = "" if job.eta_s is None else _duration(job.eta_s)
-        table.add_row(job.uuid, job.type, job.instance_url, job.phase, progress, eta, _ago(job.started_at))
+        table.add_row(
+            job.uuid, job.type, job.instance_url, job.phase, progress, speed, eta, _ago(job.started_at)
+        )
     return table
 
 
@@ -381,21 +384,30 @@ def status(
         console.print(
             f"[red]The daemon has not updated its status for {_duration(stale)}: it may be stuck.[/red]"
         )
-    instances = Table("Instance", "Runner name", "Registration", "Socket", "Last contact", "Last error")
+    if state.endpoint:
+        console.print(f"Health and metrics: {state.endpoint}/healthz, /readyz, /metrics", markup=False)
+    instances = Table(
+        "Instance", "Runner name", "Registration", "Reachable", "Socket", "Last contact", "Last error"
+    )
     for i in state.instances:
         registration = "[red]needs registration[/red]" if i.registration != "registered" else "registered"
+        reachable = "yes" if i.reachable else "[red]no[/red]"
         error = f"{i.last_error} ({_ago(i.last_error_at)})" if i.last_error else ""
         socket = "connected" if i.socket_connected else "not connected"
-        instances.add_row(i.url, i.runner_name, registration, socket, _ago(i.last_contact_at), error)
+        instances.add_row(
+            i.url, i.runner_name, registration, reachable, socket, _ago(i.last_contact_at), error
+        )
     console.print(instances)
     if state.jobs:
         console.print(_jobs_table(state))
     else:
         console.print("No job running.")
     if state.errors:
-        console.print("Recent errors:")
+        console.print("Recent errors (whole messages: --json, or the daemon's log):")
         for record in state.errors[-10:]:
-            console.print(f"  {_ago(record.at)} [{record.where}] {record.message}", markup=False)
+            first, *more = record.message.splitlines() or [""]
+            extra = f" (+{len(more)} line(s))" if more else ""
+            console.print(f"  {_ago(record.at)} [{record.where}] {first}{extra}", markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m tuberunner.runner.cli`

@@ -99,11 +99,18 @@ class RunnerConfig:
     ffmpeg_nice: int = 20
     stall_timeout_s: float = 120.0
     max_job_duration_s: float | None = None
-    # [transcription] (official keys)
-    transcription_engine: str = "whisper-ctranslate2"
+    # [transcription] (official keys, then ours; see tuberunner.transcription.settings)
+    transcription_engine: str = "faster-whisper"
     transcription_engine_path: str | None = None
     transcription_model: str = "small"
     transcription_model_path: str | None = None
+    transcription_device: str = "cpu"
+    transcription_compute_type: str = "default"
+    transcription_threads: int = 0
+    transcription_concurrency: int = 1
+    transcription_vad: bool = True
+    transcription_word_timestamps: bool = True
+    transcription_temperature_fallback: bool = True
     # [inputs]
     # Inputs shared by the jobs of one video are kept up to this size (0: no cache, one download per job).
     input_cache_max_bytes: int = 20 * 1024**3
@@ -121,6 +128,9 @@ class RunnerConfig:
     # [daemon]
     state_interval_s: float = 2.0
     config_check_interval_s: float = 2.0
+    # The local /healthz, /readyz and /metrics endpoint (port 0: off).
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
 
     def instance(self, url: str, runner_name: str) -> InstanceConfig | None:
         return next((i for i in self.instances if i.key == (url, runner_name)), None)
@@ -180,6 +190,15 @@ def _text(*, optional: bool) -> Converter:
                 return None
             raise ValueError("must not be empty")
         return value
+
+    return convert
+
+
+def _choice(*choices: str) -> Converter:
+    def convert(value: Any, from_env: bool) -> str:
+        if not isinstance(value, str) or value.strip() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value.strip()
 
     return convert
 
@@ -314,24 +333,84 @@ SETTINGS: tuple[_Setting, ...] = (
         7200,
     ),
     _Setting(
-        "transcription", "engine", "transcription_engine", _text(optional=False), "Transcription engine."
+        "transcription",
+        "engine",
+        "transcription_engine",
+        _choice("faster-whisper", "whisper-ctranslate2", "openai-whisper"),
+        "Transcription engine: faster-whisper (in this process; pip install 'tuberunner[transcription]'), "
+        "or the official runner's whisper-ctranslate2 / openai-whisper commands.",
     ),
     _Setting(
         "transcription",
         "enginePath",
         "transcription_engine_path",
         _text(optional=True),
-        "Engine binary.",
+        "The command of a whisper-ctranslate2 / openai-whisper engine (default: looked up on PATH).",
         "/usr/local/bin/whisper-ctranslate2",
     ),
-    _Setting("transcription", "model", "transcription_model", _text(optional=False), "Model name."),
+    _Setting(
+        "transcription",
+        "model",
+        "transcription_model",
+        _text(optional=False),
+        "Whisper model name (tiny, base, small, medium, large-v3, ...; fetched once into the cache).",
+    ),
     _Setting(
         "transcription",
         "modelPath",
         "transcription_model_path",
         _text(optional=True),
-        "Custom model.",
+        "A local model instead (a CTranslate2 model folder; a .pt file for openai-whisper).",
         "/srv/models/small",
+    ),
+    _Setting(
+        "transcription",
+        "device",
+        "transcription_device",
+        _choice("cpu", "cuda", "auto"),
+        "Where the model runs.",
+    ),
+    _Setting(
+        "transcription",
+        "compute_type",
+        "transcription_compute_type",
+        _text(optional=False),
+        "CTranslate2 compute type (default, int8, int8_float16, float16, float32, ...).",
+    ),
+    _Setting(
+        "transcription",
+        "threads",
+        "transcription_threads",
+        _integer(0, 1024),
+        "CPU threads of one transcription (0: the engine chooses).",
+    ),
+    _Setting(
+        "transcription",
+        "concurrency",
+        "transcription_concurrency",
+        _integer(1, 64),
+        "Transcription jobs at once (each holds the model's working memory; the model is loaded once).",
+    ),
+    _Setting(
+        "transcription",
+        "vad",
+        "transcription_vad",
+        _boolean,
+        "Skip silences (5 s or more) with the Silero voice detector, as the official runner does.",
+    ),
+    _Setting(
+        "transcription",
+        "word_timestamps",
+        "transcription_word_timestamps",
+        _boolean,
+        "Word-level timestamps for sharper cue boundaries, as the official runner asks.",
+    ),
+    _Setting(
+        "transcription",
+        "temperature_fallback",
+        "transcription_temperature_fallback",
+        _boolean,
+        "Decode a doubtful window again at higher temperatures (false: greedy temperature 0 only).",
     ),
     _Setting(
         "inputs",
@@ -397,6 +476,20 @@ SETTINGS: tuple[_Setting, ...] = (
         "config_check_interval_s",
         _number(0.01, 3600),
         "How often the daemon looks for changes of this file (register/unregister/manual edits).",
+    ),
+    _Setting(
+        "daemon",
+        "http_port",
+        "http_port",
+        _integer(0, 65535),
+        "Port of the local /healthz, /readyz and /metrics endpoint (0: off; one per --id; read at start).",
+    ),
+    _Setting(
+        "daemon",
+        "http_host",
+        "http_host",
+        _text(optional=False),
+        "Address of that endpoint (loopback by default; the metrics say what this runner does).",
     ),
 )
 _SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))

@@ -2,8 +2,11 @@
 the Supervisor until a signal stops it.
 
 Exit codes: 0 stopped normally; 1 another daemon runs with this id; 2 setup error (configuration, ffmpeg
-missing or unusable, no processor for an enabled job type); 130 stopped at once by a second SIGINT.
-Signal handlers only set the supervisor's events.
+missing or unusable, no processor for an enabled job type, the health/metrics port taken); 130 stopped at
+once by a second SIGINT. Signal handlers only set the supervisor's events.
+
+Under systemd (`NOTIFY_SOCKET` set) the supervisor sends READY=1 once its instance loops run (and the
+`[daemon] http_port` endpoint listens), WATCHDOG=1 from its loop monitor, STOPPING=1 when it drains.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuberunner import __version__
 from tuberunner.media.binaries import check_ffmpeg, find_ffmpeg
 from tuberunner.media.errors import FfmpegUnavailable
+from tuberunner.ops.http import RunnerEndpoint
+from tuberunner.ops.metrics import RunnerMetrics
+from tuberunner.ops.sd_notify import SystemdNotifier
 from tuberunner.runner.config import (
     ConfigError,
     ConfigFile,
@@ -99,8 +105,11 @@ def _load(config_file: ConfigFile, paths: RunnerPaths, options: DaemonOptions) -
         raise ConfigError("--enable-job", None, str(exc)) from None
 
 
-def _inputs(config: RunnerConfig, inputs_dir: Path, clients: JobClients) -> InputsFactory:
+def _inputs(
+    config: RunnerConfig, inputs_dir: Path, clients: JobClients, metrics: RunnerMetrics
+) -> InputsFactory:
     limits = DownloadLimits(deadlines=config.deadlines())
+    limits = replace(limits, retry=replace(limits.retry, observer=metrics))
     if config.input_cache_max_bytes <= 0:
         return direct_inputs(clients, limits)
     cache = InputCache(
@@ -142,25 +151,31 @@ def build_supervisor(
     state_file: Path | None = None,
     reload_config: Callable[[], RunnerConfig | None] | None = None,
     flag_instance: Callable[[InstanceConfig], None] | None = None,
+    systemd: SystemdNotifier | None = None,
 ) -> Supervisor:
     """The one way to put a runner together (the daemon and the one-shot mode); ValueError when the
     enabled job types cannot be served."""
-    from tuberunner.runner.processors import PROCESSORS, supports
+    from tuberunner.runner.processors import runner_processors
 
+    # With `video-transcription` when its engine can run here (its settings need a restart, like ffmpeg's).
+    processors = runner_processors(config)
     clients = JobClients()
+    metrics = RunnerMetrics()
     return Supervisor(
         config,
         work_dir=work_dir,
-        processors=PROCESSORS,
-        supports=supports,
+        processors=processors.table,
+        supports=processors.supports,
         settings=settings,
         runner_id=runner_id,
         version=__version__,
         job_clients=clients,
-        inputs=_inputs(config, inputs_dir, clients),
+        inputs=_inputs(config, inputs_dir, clients, metrics),
         state_file=state_file,
         reload_config=reload_config,
         flag_instance=flag_instance,
+        metrics=metrics,
+        systemd=systemd,
     )
 
 
@@ -210,6 +225,7 @@ async def _serve(
             state_file=paths.state_file,
             reload_config=reload_config,
             flag_instance=flag,
+            systemd=SystemdNotifier.from_env(),
         )
     except ValueError as exc:
         log.error("cannot start: %s", exc)
@@ -231,8 +247,27 @@ async def _serve(
     loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop)
     loop.add_signal_handler(signal.SIGINT, supervisor.interrupt)
     try:
-        clean = await supervisor.run()
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(_endpoint(config, supervisor))
+            except OSError as exc:
+                log.error("cannot start: the health/metrics endpoint cannot listen: %s", exc)
+                return EXIT_SETUP
+            clean = await supervisor.run()
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         loop.remove_signal_handler(signal.SIGINT)
+        supervisor.systemd.close()
     return EXIT_OK if clean else EXIT_INTERRUPTED
+
+
+@asynccontextmanager
+async def _endpoint(config: RunnerConfig, supervisor: Supervisor) -> AsyncIterator[None]:
+    """`/healthz`, `/readyz` and `/metrics` on `[daemon] http_host:http_port` while the daemon runs."""
+    if not config.http_port:
+        yield
+        return
+    async with RunnerEndpoint(supervisor, config.http_host, config.http_port) as endpoint:
+        supervisor.endpoint_url = endpoint.url
+        log.info("health and metrics on %s (/healthz, /readyz, /metrics)", endpoint.url)
+        yield

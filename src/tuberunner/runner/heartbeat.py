@@ -85,11 +85,13 @@ class Heartbeat:
 
     async def run(self) -> None:
         failures = 0
+        last_failure: Exception | None = None
         while True:
             remaining_s = self.lease_s - (self.clock() - self.last_delivered)
             if remaining_s <= 0:
                 detail = f"{Loss.LEASE_EXPIRED.value} ({self.lease_s:g} s; last error: {self.last_error})"
                 log.warning("job %s: %s; giving it up", self.job.uuid, detail)
+                self.retry.note_give_up(last_failure or TimeoutError(detail))
                 self.on_lost(Loss.LEASE_EXPIRED, detail)
                 return
             progress = self._progress_value()
@@ -103,6 +105,8 @@ class Heartbeat:
                 return
             except (TransientError, RequestRejected, TimeoutError) as exc:
                 failures += 1
+                last_failure = exc
+                self.retry.note_retry(exc)
                 self.last_error = getattr(exc, "message", None) or f"no answer within {remaining_s:.1f} s"
                 level = logging.ERROR if isinstance(exc, RequestRejected) else logging.WARNING
                 log.log(level, "job %s: update not delivered (%s); retrying", self.job.uuid, self.last_error)

@@ -57,6 +57,8 @@ class JobContext:
     fetch_input: InputFetcher
     # Cheap and synchronous: the heartbeat loop sends the latest value (0-100, None = unknown).
     report_progress: Callable[[float | None], None]
+    # ffmpeg's speed (media seconds per wall second), for `status` and metrics.
+    report_speed: Callable[[float | None], None] = lambda speed: None
 
 
 Processor = Callable[[JobContext], Awaitable[JobOutput]]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
+import aiohttp
 import socketio
 
 from tuberunner.protocol.jobs import AVAILABLE_JOBS_EVENT, JOBS_TAKEN_BACK_EVENT
@@ -68,7 +69,11 @@ class SocketNotifier:
     async def _one_connection(self) -> bool:
         """One connection's life; True when it connected at all."""
         self.attempts += 1
+        # Our own HTTP session, closed below whatever happened: engine.io's own is left open when a
+        # connection attempt fails midway ("Unclosed client session" at exit after network faults).
+        http = aiohttp.ClientSession()
         sio = socketio.AsyncClient(
+            http_session=http,
             reconnection=False,
             handle_sigint=False,
             logger=False,
@@ -133,6 +138,7 @@ class SocketNotifier:
             with suppress(Exception):
                 async with asyncio.timeout(self.connect_timeout_s):
                     await sio.disconnect()
+            await http.close()
 
     def _failed(self, reason: str) -> None:
         log.warning("socket to %s failed (%s); polling continues, retrying later", self.url, reason)

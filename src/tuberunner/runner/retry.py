@@ -7,8 +7,8 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import httpx
 
@@ -31,6 +31,14 @@ class Deadlines:
         return httpx.Timeout(connect=self.connect_s, read=self.read_s, write=self.write_s, pool=self.pool_s)
 
 
+class RetryObserver(Protocol):
+    """Told of every retry and of every retryable failure given up on (the runner's metrics)."""
+
+    def retrying(self, exc: BaseException) -> None: ...
+
+    def gave_up(self, exc: BaseException) -> None: ...
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6
@@ -38,6 +46,15 @@ class RetryPolicy:
     max_delay_s: float = 15.0
     # No retry starts after this many seconds from the first attempt.
     deadline_s: float = 60.0
+    observer: RetryObserver | None = field(default=None, compare=False, repr=False)
+
+    def note_retry(self, exc: BaseException) -> None:
+        if self.observer is not None:
+            self.observer.retrying(exc)
+
+    def note_give_up(self, exc: BaseException) -> None:
+        if self.observer is not None:
+            self.observer.gave_up(exc)
 
     def delay(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^attempt)]."""
@@ -60,12 +77,17 @@ class RetryPolicy:
                 return await call()
             except Exception as exc:
                 attempt += 1
-                if not retryable(exc) or attempt >= self.attempts:
+                if not retryable(exc):
+                    raise
+                if attempt >= self.attempts:
+                    self.note_give_up(exc)
                     raise
                 delay = self.delay(attempt)
                 if isinstance(exc, TransientError) and exc.retry_after_s is not None:
                     delay = max(delay, min(exc.retry_after_s, self.max_delay_s))
                 if time.monotonic() - started + delay > limit:
+                    self.note_give_up(exc)
                     raise
+                self.note_retry(exc)
                 log.info("%s failed (%s); attempt %d in %.1f s", what, exc, attempt + 1, delay)
                 await asyncio.sleep(delay)

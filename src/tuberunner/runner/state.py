@@ -41,6 +41,8 @@ class InstanceStatus:
     # "registered" or "needs-registration" (the instance answered unknown_runner_token).
     registration: str = "registered"
     socket_connected: bool = False
+    # Whether its last call answered (a check, a heartbeat); a failed check makes it unreachable.
+    reachable: bool = False
     # Wall-clock time of the last answer of this instance that was not an error.
     last_contact_at: float | None = None
     last_error: str | None = None
@@ -78,6 +80,8 @@ class DaemonState:
     # How often the daemon stamps `updated_at`: an older stamp means a stuck daemon.
     state_interval_s: float = 2.0
     draining: bool = False
+    # The local /healthz, /readyz and /metrics endpoint, when it is on.
+    endpoint: str | None = None
     instances: list[InstanceStatus] = field(default_factory=list)
     jobs: list[JobStatus] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
@@ -101,6 +105,7 @@ class DaemonState:
             concurrency=int(data["concurrency"]),
             state_interval_s=float(data.get("state_interval_s", 2.0)),
             draining=bool(data.get("draining", False)),
+            endpoint=data.get("endpoint"),
             instances=[InstanceStatus(**i) for i in data.get("instances", [])],
             jobs=[JobStatus(**j) for j in data.get("jobs", [])],
             errors=[ErrorRecord(**e) for e in data.get("errors", [])],

@@ -38,8 +38,8 @@ import re
 import shutil
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -47,6 +47,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from tuberunner.ops import logs
+from tuberunner.ops.health import LoopMonitor
+from tuberunner.ops.metrics import RunnerMetrics
+from tuberunner.ops.sd_notify import SystemdNotifier
 from tuberunner.protocol.errors import ErrorCode
 from tuberunner.protocol.jobs import JobType
 from tuberunner.runner.client import AvailableJob, InstanceClient, client_for
@@ -78,6 +82,7 @@ __all__ = [
     "InputsFactory",
     "InstanceWorker",
     "JobClients",
+    "JobOutcome",
     "JobPhase",
     "JobRun",
     "Supervisor",
@@ -95,6 +100,10 @@ _ERRORS_KEPT = 20
 _REFUSALS_KEPT = 1000
 # The tail of a failure's stderr appended to an `error` message.
 _STDERR_LINES = 20
+# How much of a failed job's message the status file keeps (the log has it whole).
+_ERROR_RECORD_CHARS = 2000
+# Longest pause between two ticks of the loop monitor (liveness, loop lag, systemd's watchdog).
+_TICK_S = 1.0
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
@@ -105,6 +114,22 @@ class JobPhase(StrEnum):
     # Cleaning up and reporting: cancellation is refused from here on.
     FINISHING = "finishing"
     DONE = "done"
+
+
+class JobOutcome(StrEnum):
+    """How a job ended here (the `outcome` label of the jobs metrics)."""
+
+    SUCCEEDED = "succeeded"
+    # The work failed: reported to the server with the message.
+    ERRORED = "errored"
+    # The server took the job back (deleted, cancelled, re-queued, runner unknown): nothing to report.
+    GONE = "gone"
+    # No update could be delivered for longer than the lease: given up.
+    LEASE_LOST = "lease_lost"
+    # Stopped here (shutdown, instance removed) and given back to the server.
+    ABORTED = "aborted"
+    # Stopped at once with the daemon (second SIGINT): the server takes it back when its lease expires.
+    CANCELLED = "cancelled"
 
 
 class CancelReason(Enum):
@@ -141,6 +166,8 @@ class JobClients:
 
     def __init__(self) -> None:
         self._by_job: dict[str, InstanceClient] = {}
+        # Body bytes received by every input download (read by the metrics at scrape time).
+        self.downloaded_bytes = 0
 
     def add(self, job: AcceptedJob, client: InstanceClient) -> None:
         self._by_job[job.uuid] = client
@@ -148,13 +175,16 @@ class JobClients:
     def remove(self, job: AcceptedJob) -> None:
         self._by_job.pop(job.uuid, None)
 
-    def open_input(
-        self, url: str, job: AcceptedJob, offset: int
-    ) -> AbstractAsyncContextManager[httpx.Response]:
+    @asynccontextmanager
+    async def open_input(self, url: str, job: AcceptedJob, offset: int) -> AsyncIterator[httpx.Response]:
         client = self._by_job.get(job.uuid)
         if client is None:
             raise JobGone(f"job {job.uuid} is not running here any more")
-        return client.open_input(url, job, offset)
+        async with client.open_input(url, job, offset) as response:
+            try:
+                yield response
+            finally:
+                self.downloaded_bytes += response.num_bytes_downloaded
 
 
 def direct_inputs(clients: JobClients, limits: DownloadLimits | None = None) -> InputsFactory:
@@ -198,6 +228,8 @@ class InstanceWorker:
     refused: dict[str, None] = field(default_factory=dict)
     # Checks completed without error.
     checks: int = 0
+    # Socket connections made (the first one is not a reconnection).
+    socket_connections: int = 0
 
     def wake(self, reason: str) -> None:
         log.debug("%s: wake-up (%s)", self.config.url, reason)
@@ -205,6 +237,11 @@ class InstanceWorker:
 
     def contact(self) -> None:
         self.status.last_contact_at = time.time()
+        self.status.reachable = True
+
+    def unreachable(self, message: str) -> None:
+        self.status.reachable = False
+        self.error(message)
 
     def error(self, message: str) -> None:
         self.status.last_error = message
@@ -222,9 +259,14 @@ class JobRun:
     started_mono: float = field(default_factory=time.monotonic)
     phase: JobPhase = JobPhase.ACCEPTED
     progress: float | None = None
+    # ffmpeg's last reported speed (media seconds per wall second).
+    speed: float | None = None
     cancel_reason: CancelReason | None = None
     cancel_detail: str = ""
     outcome: str = ""
+    outcome_kind: JobOutcome | None = None
+    # The whole `error` message of a job that failed (with the tail of ffmpeg's stderr).
+    failure: str | None = None
     task: asyncio.Task[None] | None = None
     heartbeat: Heartbeat | None = None
     report_task: asyncio.Task[None] | None = None
@@ -274,6 +316,7 @@ class JobRun:
             phase=str(self.phase),
             started_at=self.started_at,
             progress=self.progress,
+            speed=self.speed,
             eta_s=self.eta_s(),
         )
 
@@ -303,6 +346,8 @@ class Supervisor:
         reload_config: Callable[[], RunnerConfig | None] | None = None,
         flag_instance: Callable[[InstanceConfig], None] | None = None,
         retry: RetryPolicy | None = None,
+        metrics: RunnerMetrics | None = None,
+        systemd: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
         self.work_dir = work_dir
@@ -317,7 +362,16 @@ class Supervisor:
         self.state_file = state_file
         self.reload_config = reload_config
         self.flag_instance = flag_instance
-        self.retry = retry or RetryPolicy()
+        self.metrics = metrics or RunnerMetrics()
+        self.retry = retry or RetryPolicy(observer=self.metrics)
+        self.systemd = systemd or SystemdNotifier(None)
+        watchdog_s = self.systemd.watchdog_interval_s
+        self.loop_monitor = LoopMonitor(
+            min(_TICK_S, watchdog_s / 2) if watchdog_s else _TICK_S, on_tick=self.systemd.watchdog
+        )
+        # Where the daemon serves /healthz, /readyz and /metrics (shown by `status`), if it does.
+        self.endpoint_url: str | None = None
+        self.leftovers_removed = 0
         self.workers: dict[tuple[str, str], InstanceWorker] = {}
         self.jobs: dict[str, JobRun] = {}
         self.finished: deque[JobRun] = deque(maxlen=100)
@@ -333,6 +387,7 @@ class Supervisor:
         self._changes: asyncio.Future[None] | None = None
         self._disk_low = False
         self._check_job_types()
+        self.metrics.watch(self)
 
     # -------------------------------------------------------------------- lifetime
 
@@ -359,6 +414,7 @@ class Supervisor:
 
     async def run(self) -> bool:
         """Run until stopped; False when stopped at once by a second interrupt."""
+        logs.bind(runner=self.runner_id)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.sweep_work_dir()
         try:
@@ -368,9 +424,11 @@ class Supervisor:
                     tg.create_task(self._hard_stop_watch(), name="hard-stop"),
                     tg.create_task(self._state_loop(), name="status-file"),
                     tg.create_task(self._config_loop(), name="config-watch"),
+                    tg.create_task(self.loop_monitor.run(), name="loop-monitor"),
                 ]
                 for instance in self.config.instances:
                     self._start_worker(instance)
+                self.systemd.ready(f"{len(self.workers)} instance(s), {self.config.concurrency} slot(s)")
                 await self._stop.wait()
                 await self._shutdown()
                 for task in services:
@@ -390,6 +448,7 @@ class Supervisor:
         """Leftovers of a crashed run: folders of jobs no process works on (we hold the pid lock)."""
         for leftover in self.work_dir.iterdir():
             log.info("removing %s, left over by an earlier run", leftover)
+            self.leftovers_removed += 1
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -402,6 +461,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         """Ordered, bounded phases: stop taking work, drain, abort the rest in parallel, await them."""
         self.draining = True
+        self.systemd.stopping(f"draining {len(self.jobs)} job(s)")
         self._changed()
         for worker in self.workers.values():
             for task in worker.tasks:
@@ -483,6 +543,14 @@ class Supervisor:
             )
             return worker
         name = f"{instance.url}#{instance.runner_name}"
+        with logs.bound(instance=instance.url):  # the worker's tasks inherit it
+            self._start_worker_tasks(worker, name)
+        self._changed()
+        return worker
+
+    def _start_worker_tasks(self, worker: InstanceWorker, name: str) -> None:
+        assert self._tg is not None
+        instance = worker.config
         worker.tasks.append(self._tg.create_task(self._check_loop(worker), name=f"check {name}"))
         if self.config.socket_enabled:
             worker.notifier = notifier = SocketNotifier(
@@ -497,8 +565,6 @@ class Supervisor:
             worker.tasks.append(
                 self._tg.create_task(_logged(notifier.run(), f"socket of {name}"), name=f"socket {name}")
             )
-        self._changed()
-        return worker
 
     def _on_socket(self, worker: InstanceWorker, connected: bool, reason: str | None) -> None:
         was_connected = worker.status.socket_connected
@@ -506,8 +572,14 @@ class Supervisor:
         if reason and not connected:
             worker.error(reason)
         if connected and not was_connected:
+            worker.socket_connections += 1
+            if worker.socket_connections > 1:
+                self.metrics.socket_reconnects.labels(worker.config.url).inc()
             # After a reconnection, check at once that every job we hold is still ours.
             self._recheck_jobs(worker)
+        elif was_connected and not connected:
+            # Is the instance down, or only the socket? A check tells (readiness follows its answer).
+            worker.wake("socket disconnected")
         self._changed()
 
     def _recheck_jobs(self, worker: InstanceWorker) -> None:
@@ -579,16 +651,19 @@ class Supervisor:
                 worker.checks += 1
                 self._changed()
             except RunnerUnknown as exc:
+                self.metrics.gave_up(exc)
                 await self._needs_registration(worker, exc)
                 return
             except RunnerError as exc:
                 failures += 1
-                worker.error(exc.message)
+                self.metrics.retrying(exc)
+                worker.unreachable(exc.message)
                 log.warning("%s: %s", worker.config.url, exc.message)
                 self._changed()
             except Exception as exc:  # a bug here must not stop the other instances
                 failures += 1
-                worker.error(f"{type(exc).__name__}: {exc}")
+                self.metrics.retrying(exc)
+                worker.unreachable(f"{type(exc).__name__}: {exc}")
                 log.exception("%s: job check failed", worker.config.url)
             try:
                 async with asyncio.timeout(self._poll_delay_s(failures)):
@@ -607,29 +682,34 @@ class Supervisor:
             for offer in offers:
                 if self.free_slots() <= 0 or self.draining:
                     return
-                if offer.uuid in self.jobs or self._refused(worker, offer):
-                    continue
-                self._reserved_slots += 1
-                try:
-                    job = await worker.client.accept(offer.uuid)
-                except JobGone as exc:
-                    log.debug("job %s taken by another runner: %s", offer.uuid, exc.message)
-                    continue
-                except RequestRejected as exc:
-                    # Usually a lost race too: PeerTube answers 400 "not in pending state" without a code.
-                    log.info("job %s not taken: %s", offer.uuid, exc.message)
-                    continue
-                except TransientError as exc:
-                    # It may have been accepted anyway: then its lease brings it back to the queue.
-                    log.warning("accepting job %s failed: %s", offer.uuid, exc.message)
-                    continue
-                finally:
-                    self._reserved_slots -= 1
-                worker.contact()
-                self._start_job(worker, job)
-                took = True
+                with logs.bound(job_id=offer.uuid, job_type=offer.type):
+                    took = await self._take(worker, offer) or took
             if not took:
                 return
+
+    async def _take(self, worker: InstanceWorker, offer: AvailableJob) -> bool:
+        """Accept `offer` and start its job, unless we cannot take it or lose the race."""
+        if offer.uuid in self.jobs or self._refused(worker, offer):
+            return False
+        self._reserved_slots += 1
+        try:
+            job = await worker.client.accept(offer.uuid)
+        except JobGone as exc:
+            log.debug("job %s taken by another runner: %s", offer.uuid, exc.message)
+            return False
+        except RequestRejected as exc:
+            # Usually a lost race too: PeerTube answers 400 "not in pending state" without a code.
+            log.info("job %s not taken: %s", offer.uuid, exc.message)
+            return False
+        except TransientError as exc:
+            # It may have been accepted anyway: then its lease brings it back to the queue.
+            log.warning("accepting job %s failed: %s", offer.uuid, exc.message)
+            return False
+        finally:
+            self._reserved_slots -= 1
+        worker.contact()
+        self._start_job(worker, job)
+        return True
 
     def _refused(self, worker: InstanceWorker, offer: AvailableJob) -> bool:
         """Whether we cannot take `offer`; each refusal is logged once (never dropped silently)."""
@@ -707,8 +787,10 @@ class Supervisor:
         run = JobRun(job=job, worker=worker, work_dir=self.work_dir / folder)
         self.jobs[job.uuid] = run
         self.job_clients.add(job, worker.client)
-        run.task = self._tg.create_task(self._run_job(run), name=f"job {job.uuid}")
-        log.info("job %s (%s) accepted from %s", job.uuid, job.type, worker.config.url)
+        # The job's task, and every task it starts, logs with the job id and its instance.
+        with logs.bound(job_id=job.uuid, job_type=str(job.type), instance=job.instance_url):
+            run.task = self._tg.create_task(self._run_job(run), name=f"job {job.uuid}")
+            log.info("job %s (%s) accepted from %s", job.uuid, job.type, worker.config.url)
         self._changed()
 
     async def _run_job(self, run: JobRun) -> None:
@@ -717,12 +799,20 @@ class Supervisor:
         try:
             report = await self._work(run)
             elapsed = time.monotonic() - run.started_mono
-            log.info("job %s (%s) %s after %.1f s", job.uuid, job.type, run.outcome, elapsed)
-            if run.outcome != "succeeded":
-                self.record_error(f"job {job.uuid}", run.outcome)
+            if run.failure is not None:
+                # The whole message: the tail of ffmpeg's stderr says why.
+                log.warning("job %s (%s) errored after %.1f s: %s", job.uuid, job.type, elapsed, run.failure)
+                self.record_error(f"job {job.uuid}", _clip(run.failure, _ERROR_RECORD_CHARS))
+            else:
+                log.info("job %s (%s) %s after %.1f s", job.uuid, job.type, run.outcome, elapsed)
+                if run.outcome != "succeeded":
+                    self.record_error(f"job {job.uuid}", run.outcome)
             if report is not None:
                 await self._report(run, report)
         finally:
+            if run.outcome_kind is not None:
+                duration = time.monotonic() - run.started_mono
+                self.metrics.job_ended(str(job.type), run.outcome_kind, duration, run.speed)
             run.phase = JobPhase.DONE
             self.jobs.pop(job.uuid, None)
             self.job_clients.remove(job)
@@ -746,29 +836,31 @@ class Supervisor:
                     run.phase = JobPhase.UPLOADING
                     self._changed()
                     await self._deliver_success(run, output)
-                    run.outcome = "succeeded"
+                    run.outcome, run.outcome_kind = "succeeded", JobOutcome.SUCCEEDED
                     return None
                 finally:
                     run.phase = JobPhase.FINISHING
         except asyncio.CancelledError:
             reason = run.cancel_reason
             if reason is None or self._hard_stop.is_set():
-                run.outcome = "cancelled"
+                run.outcome, run.outcome_kind = "cancelled", JobOutcome.CANCELLED
                 raise  # not ours, or stopping at once: the whole TaskGroup is going down
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             detail = f" ({run.cancel_detail})" if run.cancel_detail else ""
             run.outcome = f"cancelled: {reason.value}{detail}"
+            run.outcome_kind = _OUTCOME_OF_CANCEL[reason]
             if reason.aborts_on_server:
                 return lambda: run.client.abort(job, reason.value)
             return None
         except (JobGone, RunnerUnknown) as exc:
-            run.outcome = f"gone: {exc.message}"
+            run.outcome, run.outcome_kind = f"gone: {exc.message}", JobOutcome.GONE
             return None
         except Exception as exc:
             message = describe_failure(exc)
-            run.outcome = f"errored: {message.splitlines()[0]}"
+            run.outcome, run.outcome_kind = f"errored: {message.splitlines()[0]}", JobOutcome.ERRORED
+            run.failure = message
             if not isinstance(exc, RunnerError | OSError):
                 log.error("job %s: %s failed", job.uuid, job.type, exc_info=exc)
             return lambda: run.client.error(job, message)
@@ -799,6 +891,7 @@ class Supervisor:
             settings=self.settings,
             fetch_input=fetch,
             report_progress=lambda value: self._progress(run, value),
+            report_speed=lambda value: setattr(run, "speed", value),
         )
 
     async def _heartbeat(self, run: JobRun, heartbeat: Heartbeat) -> None:
@@ -845,6 +938,7 @@ class Supervisor:
         await self.retry.run(
             attempt, what=f"success of job {job.uuid}", deadline_s=self.config.report_deadline_s
         )
+        self.metrics.uploaded.inc(sum(_size(path) for path in output.files.values()))
 
     async def _report(self, run: JobRun, call: Callable[[], Awaitable[None]]) -> None:
         """Tell the server a job's fate, shielded from cancellation of the job task, within a deadline."""
@@ -882,6 +976,7 @@ class Supervisor:
             concurrency=self.config.concurrency,
             state_interval_s=self.config.state_interval_s,
             draining=self.draining,
+            endpoint=self.endpoint_url,
             instances=[w.status for w in self.workers.values()],
             jobs=[run.status() for run in self.jobs.values()],
             errors=list(self.errors),
@@ -923,6 +1018,25 @@ class Supervisor:
                 continue
             if config is not None and not self.draining:
                 self.apply_config(config)
+
+
+_OUTCOME_OF_CANCEL = {
+    CancelReason.GONE: JobOutcome.GONE,
+    CancelReason.LEASE_EXPIRED: JobOutcome.LEASE_LOST,
+    CancelReason.SHUTDOWN: JobOutcome.ABORTED,
+    CancelReason.INSTANCE_REMOVED: JobOutcome.ABORTED,
+}
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

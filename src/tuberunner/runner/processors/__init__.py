@@ -4,11 +4,17 @@
 import, never at the first job. `supports(type, payload)` is asked before accepting a job offered by a
 server: None means "can run it", anything else is the reason it cannot (unknown or unsupported type,
 unknown studio task, malformed payload), for the log and for the decision to leave the job to others.
+
+`runner_processors(config)` is what a runner really runs: this table plus `video-transcription` when the
+configured engine can run here, with a support check that also leaves transcription offers to other
+runners while this one's transcription slots are taken.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -16,11 +22,16 @@ from pydantic import ValidationError
 
 from tuberunner.protocol.jobs import STUDIO_TASK_NAMES, JobType
 from tuberunner.protocol.payloads import PAYLOAD_MODELS, parse_payload
+from tuberunner.runner.config import RunnerConfig
 from tuberunner.runner.job import Processor
-from tuberunner.runner.processors import storyboard, vod
+from tuberunner.runner.processors import storyboard, studio, vod
 from tuberunner.runner.processors.common import describe_validation
+from tuberunner.runner.processors.transcription import TranscriptionProcessor, transcription_settings
+from tuberunner.transcription import engine_problem
 
-__all__ = ["PROCESSORS", "REQUIRED_TYPES", "build_table", "supports"]
+__all__ = ["PROCESSORS", "REQUIRED_TYPES", "RunnerProcessors", "build_table", "runner_processors", "supports"]
+
+log = logging.getLogger(__name__)
 
 # Types every build of the runner must be able to run.
 REQUIRED_TYPES = frozenset({JobType.VOD_WEB_VIDEO, JobType.VOD_HLS, JobType.VOD_AUDIO_MERGE})
@@ -54,6 +65,7 @@ PROCESSORS: Mapping[JobType, Processor] = build_table(
         (JobType.VOD_HLS, vod.hls),
         (JobType.VOD_AUDIO_MERGE, vod.audio_merge),
         (JobType.STORYBOARD, storyboard.storyboard),
+        (JobType.STUDIO, studio.studio),
     ]
 )
 
@@ -62,13 +74,55 @@ def supports(job_type: str, payload: Mapping[str, Any]) -> str | None:
     """None when this runner can run a job of `job_type` with `payload`; otherwise the reason it cannot.
 
     Takes any str (a `JobType` is one) and any mapping, so it fits every caller's callback type."""
+    return _support_in(PROCESSORS, job_type, payload)
+
+
+def _support_in(table: Mapping[JobType, Processor], job_type: str, payload: Mapping[str, Any]) -> str | None:
     try:
         known = JobType(job_type)
     except ValueError:
         return f"unknown job type {job_type!r}"
-    if known not in PROCESSORS:
+    if known not in table:
         return f"job type {known} is not supported by this runner"
     return payload_problem(known, payload)
+
+
+@dataclass(frozen=True)
+class RunnerProcessors:
+    """What one runner runs: its table, its support check, and its transcription processor (if any)."""
+
+    table: Mapping[JobType, Processor]
+    transcription: TranscriptionProcessor | None = None
+
+    def supports(self, job_type: str, payload: Mapping[str, Any]) -> str | None:
+        reason = _support_in(self.table, job_type, payload)
+        if reason is None and self.transcription is not None and job_type == JobType.TRANSCRIPTION:
+            return self.transcription.refusal()
+        return reason
+
+
+def runner_processors(
+    config: RunnerConfig, *, transcription: Callable[[], TranscriptionProcessor] | None = None
+) -> RunnerProcessors:
+    """`PROCESSORS` plus what depends on `config`: `video-transcription` when it is enabled and its
+    configured engine can run here (otherwise the reason is logged and the type is not asked for; if it
+    was enabled explicitly, the supervisor refuses to start). `transcription` builds the processor
+    instead of the configuration (tests)."""
+    enabled = config.enabled_job_types
+    if enabled is not None and JobType.TRANSCRIPTION not in enabled:
+        return RunnerProcessors(PROCESSORS)
+    if transcription is None:
+        settings = transcription_settings(config)
+        problem = engine_problem(settings)
+        if problem is not None:
+            level = logging.WARNING if enabled is not None else logging.INFO
+            log.log(level, "video-transcription jobs are not taken: %s", problem)
+            return RunnerProcessors(PROCESSORS)
+        processor = TranscriptionProcessor(settings)
+    else:
+        processor = transcription()
+    table = build_table([*PROCESSORS.items(), (JobType.TRANSCRIPTION, processor)])
+    return RunnerProcessors(table, processor)
 
 
 def payload_problem(job_type: JobType, payload: object) -> str | None:

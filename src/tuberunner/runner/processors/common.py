@@ -87,6 +87,8 @@ async def run_encode(
     def on_progress(progress: Progress) -> None:
         if progress.percent is not None:
             ctx.report_progress(round(progress.percent, 1))
+        if progress.speed is not None:
+            ctx.report_speed(progress.speed)
 
     try:
         await run_ffmpeg(

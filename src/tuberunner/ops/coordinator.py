@@ -1,0 +1,294 @@
+"""The coordinator's `/healthz`, `/readyz` and `/metrics`, and the log context of runner API requests.
+
+    /healthz   the event loop turns (the loop monitor's last tick is fresh, its lag small)
+    /readyz    the database answers `SELECT 1`, the files folder takes a new file, the socket layer is up
+               (with Redis: its server answers PING), the loop turns, the app has started
+    /metrics   Prometheus text: jobs by type and state (queue depth and outcomes), registered runners, open
+               runner sockets, lease expiries, available-jobs pings, uploads left by a crash and removed
+
+The job counts are read from the database when Prometheus scrapes, by one grouped query (its result is
+kept `cache_s` so that many scrapers cost one query), never counted on the hot path. Each check and the
+query have a deadline: a stuck database makes `/readyz` answer 503 in time, not hang.
+
+`JobLogContext` (pure ASGI) binds the job id of `/api/v1/runners/jobs/<uuid>/...` requests to the log
+context: lines logged while serving them, and by completion tasks they start, carry `job_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Connection
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tuberunner.coordinator.schema import jobs, runners
+from tuberunner.ops import logs
+from tuberunner.ops.health import Check, HealthReport, LoopMonitor
+from tuberunner.ops.metrics import CONTENT_TYPE
+from tuberunner.ops.sd_notify import SystemdNotifier
+from tuberunner.protocol.jobs import JobState, JobType
+
+if TYPE_CHECKING:
+    from tuberunner.coordinator.context import Coordinator
+
+__all__ = ["CoordinatorOps", "JobLogContext", "ops_of", "routes"]
+
+_CHECK_TIMEOUT_S = 2.0
+_JOBS_PATH = "/api/v1/runners/jobs/"
+
+
+@dataclass(frozen=True)
+class _Counts:
+    jobs: dict[tuple[str, int], int]
+    runners: int
+
+
+class CoordinatorOps:
+    """Liveness, readiness and metrics of one coordinator process; started and stopped by its lifespan."""
+
+    def __init__(
+        self, coordinator: Coordinator, systemd: SystemdNotifier | None = None, *, cache_s: float = 2.0
+    ) -> None:
+        self.coordinator = coordinator
+        self.systemd = systemd or SystemdNotifier(None)
+        watchdog_s = self.systemd.watchdog_interval_s
+        self.loop_monitor = LoopMonitor(
+            min(1.0, watchdog_s / 2) if watchdog_s else 1.0, on_tick=self.systemd.watchdog
+        )
+        self.cache_s = cache_s
+        self.started = False
+        # Half-received uploads of an earlier process, removed by the start-up sweep.
+        self.leftovers_removed = 0
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_CoordinatorCollector(self))
+        self.counts: _Counts | None = None
+        self._counts_at = -float("inf")
+        self.counts_ok = False
+        self._refresh: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+
+    def before_start(self) -> None:
+        """Called right before `Coordinator.start`, whose sweep deletes what this counts."""
+        with contextlib.suppress(OSError):
+            self.leftovers_removed += sum(1 for _ in self.coordinator.uploads_dir.iterdir())
+
+    async def start(self) -> None:
+        self._monitor = asyncio.create_task(self.loop_monitor.run(), name="loop-monitor")
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+        for task in (self._monitor, self._refresh):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # -------------------------------------------------------------------- health
+
+    def liveness(self) -> HealthReport:
+        return HealthReport.of([self.loop_monitor.check()])
+
+    async def readiness(self) -> HealthReport:
+        started = Check("started", self.started, "serving" if self.started else "starting or stopping")
+        checks = await asyncio.gather(
+            _bounded("database", self._database),
+            _bounded("storage", self._storage),
+            _bounded("socket", self._socket),
+        )
+        return HealthReport.of([self.loop_monitor.check(), started, *checks])
+
+    async def _database(self) -> str:
+        def ping(conn: Connection) -> Any:
+            return conn.execute(text("SELECT 1")).scalar()
+
+        await self.coordinator.db.read_statement(ping)
+        return "answers SELECT 1"
+
+    async def _storage(self) -> str:
+        folder = self.coordinator.config.files_dir
+
+        def probe() -> None:
+            fd, path = tempfile.mkstemp(prefix=".readyz-", dir=folder)
+            try:
+                os.write(fd, b"ok")
+            finally:
+                os.close(fd)
+                os.unlink(path)
+
+        await asyncio.to_thread(probe)
+        return f"{folder} is writable"
+
+    async def _socket(self) -> str:
+        sio = self.coordinator.notifier.sio
+        sockets = len(self.coordinator.notifier.namespace.runner_of_sid)
+        redis = getattr(sio.manager, "redis", None)
+        if redis is None:
+            return f"socket.io in this process, {sockets} runner socket(s) open"
+        await redis.ping()
+        listener = getattr(sio.manager, "thread", None)
+        if isinstance(listener, asyncio.Task) and listener.done():
+            raise RuntimeError("the Redis listener of socket.io has stopped")
+        return f"socket.io over Redis, {sockets} runner socket(s) open here"
+
+    # -------------------------------------------------------------------- metrics
+
+    async def exposition(self) -> bytes:
+        await self.refresh_counts()
+        return generate_latest(self.registry)
+
+    async def refresh_counts(self) -> None:
+        """Read the job and runner counts unless a read is recent; concurrent scrapes share one read."""
+        if time.monotonic() - self._counts_at < self.cache_s:
+            return
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._read_counts(), name="metrics-counts")
+        await asyncio.shield(self._refresh)
+
+    async def _read_counts(self) -> None:
+        def read(conn: Connection) -> _Counts:
+            rows = conn.execute(
+                select(jobs.c.type, jobs.c.state, func.count()).group_by(jobs.c.type, jobs.c.state)
+            ).all()
+            registered = conn.execute(select(func.count()).select_from(runners)).scalar_one()
+            return _Counts({(str(r[0]), int(r[1])): int(r[2]) for r in rows}, int(registered))
+
+        try:
+            async with asyncio.timeout(_CHECK_TIMEOUT_S):
+                self.counts = await self.coordinator.db.read_statement(read)
+            self.counts_ok = True
+        except Exception:
+            self.counts_ok = False
+        self._counts_at = time.monotonic()
+
+
+async def _bounded(name: str, check: Callable[[], Awaitable[str]]) -> Check:
+    try:
+        async with asyncio.timeout(_CHECK_TIMEOUT_S):
+            return Check(name, True, await check())
+    except TimeoutError:
+        return Check(name, False, f"no answer within {_CHECK_TIMEOUT_S:g} s")
+    except Exception as exc:
+        return Check(name, False, f"{type(exc).__name__}: {exc}")
+
+
+class _CoordinatorCollector:
+    def __init__(self, ops: CoordinatorOps) -> None:
+        self.ops = ops
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        ops = self.ops
+        coordinator = ops.coordinator
+        yield GaugeMetricFamily(
+            "tuberunner_coordinator_database_up",
+            "1 when the last metrics read of the database worked",
+            int(ops.counts_ok),
+        )
+        counts = ops.counts if ops.counts_ok else None
+        if counts is not None:
+            by_state = GaugeMetricFamily(
+                "tuberunner_coordinator_jobs",
+                "Jobs in the database by type and state (queue depth, running, and how they ended)",
+                labels=["job_type", "state"],
+            )
+            for job_type in JobType:
+                for state in JobState:
+                    value = counts.jobs.get((str(job_type), int(state)), 0)
+                    by_state.add_metric([str(job_type), state.name.lower()], value)
+            yield by_state
+            yield GaugeMetricFamily("tuberunner_coordinator_runners", "Registered runners", counts.runners)
+        yield GaugeMetricFamily(
+            "tuberunner_coordinator_runner_sockets",
+            "Runner sockets open on this process",
+            len(coordinator.notifier.namespace.runner_of_sid),
+        )
+        yield CounterMetricFamily(
+            "tuberunner_coordinator_lease_expiries",
+            "Processing jobs taken back by this process because their lease expired",
+            coordinator.jobs.lease_expiries_total,
+        )
+        yield CounterMetricFamily(
+            "tuberunner_coordinator_pings_sent",
+            "available-jobs pings sent to runner sockets",
+            getattr(coordinator.notifier, "pings_sent", 0),
+        )
+        yield CounterMetricFamily(
+            "tuberunner_coordinator_leftover_cleanups",
+            "Half-received uploads of an earlier process removed at start",
+            ops.leftovers_removed,
+        )
+        yield GaugeMetricFamily(
+            "tuberunner_coordinator_event_loop_lag_seconds",
+            "How late the loop monitor's last tick woke up",
+            ops.loop_monitor.lag_s,
+        )
+
+
+# ------------------------------------------------------------------------------------------ routes
+
+
+def ops_of(request: Request) -> CoordinatorOps:
+    ops: CoordinatorOps = request.app.state.ops
+    return ops
+
+
+def _report(report: HealthReport) -> Response:
+    return JSONResponse(
+        report.as_json(), status_code=report.status_code, headers={"Cache-Control": "no-store"}
+    )
+
+
+async def _healthz(request: Request) -> Response:
+    return _report(ops_of(request).liveness())
+
+
+async def _readyz(request: Request) -> Response:
+    return _report(await ops_of(request).readiness())
+
+
+async def _metrics(request: Request) -> Response:
+    body = await ops_of(request).exposition()
+    return Response(body, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
+routes = [
+    Route("/healthz", _healthz, methods=["GET", "HEAD"]),
+    Route("/readyz", _readyz, methods=["GET", "HEAD"]),
+    Route("/metrics", _metrics, methods=["GET", "HEAD"]),
+]
+
+
+class JobLogContext:
+    """Binds `job_id` for requests about one job (`/api/v1/runners/jobs/<uuid>/...`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith(_JOBS_PATH):
+            job_uuid = path[len(_JOBS_PATH) :].partition("/")[0]
+            if job_uuid and job_uuid != "request":
+                with logs.bound(job_id=job_uuid):
+                    await self.app(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
