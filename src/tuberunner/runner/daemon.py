@@ -157,6 +157,9 @@ def build_supervisor(
     enabled job types cannot be served."""
     from tuberunner.runner.processors import runner_processors
 
+    # ffmpeg runs in each job's folder: a relative path to an input (a relative `--output` of the
+    # one-shot mode, a relative XDG_CACHE_HOME) would point nowhere from there.
+    work_dir, inputs_dir = work_dir.absolute(), inputs_dir.absolute()
     # With `video-transcription` when its engine can run here (its settings need a restart, like ffmpeg's).
     processors = runner_processors(config)
     clients = JobClients()
