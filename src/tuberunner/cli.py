@@ -27,11 +27,21 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(runner_cli.app)
 
 
+# The one-shot commands draw progress on the terminal: their log shows warnings and errors unless asked.
+_QUIET_COMMANDS = frozenset({"transcode", "demo"})
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     log_level: Annotated[
-        str, typer.Option("--log-level", envvar="TUBERUNNER_LOG_LEVEL", help=", ".join(LOG_LEVELS))
-    ] = "info",
+        str | None,
+        typer.Option(
+            "--log-level",
+            envvar="TUBERUNNER_LOG_LEVEL",
+            help=f"{', '.join(LOG_LEVELS)} (default info; warning for transcode and demo)",
+        ),
+    ] = None,
     log_format: Annotated[
         str,
         typer.Option(
@@ -42,6 +52,8 @@ def _root(
     ] = "text",
 ) -> None:
     """Logging options go before the command: `tuberunner --log-format json server`."""
+    if log_level is None:
+        log_level = "warning" if ctx.invoked_subcommand in _QUIET_COMMANDS else "info"
     if log_level.lower() not in LOG_LEVELS:
         raise typer.BadParameter(f"one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
     if log_format not in LOG_FORMATS:

@@ -66,6 +66,8 @@ def test_transcode_writes_mp4s_hls_storyboard_and_summary(tmp_path: Path, clip: 
     # A relative output folder, as `make demo` gives: the runners' job folders and inputs live below it.
     result = _run("transcode", str(clip), "-o", "out", "--resolutions", "144", "--storyboard", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # Progress lines only: the daemons' info log stays out of the one-shot mode's terminal by default.
+    assert " INFO " not in result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["video"]["state"] == "published"
     # The source's own resolution (180p) is the top of the ladder, then the asked 144p.
