@@ -280,34 +280,3 @@ def test_a_broken_official_config_names_its_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         ConfigFile(tmp_path / "config.toml").import_official(source)
     assert (caught.value.source, caught.value.key) == (str(source), "jobs.concurrency")
-
-
-RUNNER_MODULES = (
-    "paths",
-    "config",
-    "client",
-    "notifier",
-    "heartbeat",
-    "state",
-    "supervisor",
-    "daemon",
-    "cli",
-)
-
-
-@pytest.mark.parametrize("name", RUNNER_MODULES)
-def test_each_module_exports_exactly_its_public_definitions(name: str) -> None:
-    import importlib
-    import inspect
-
-    module = importlib.import_module(f"tuberunner.runner.{name}")
-    exported = set(module.__all__)
-    assert all(hasattr(module, n) for n in exported)
-    defined = {
-        n
-        for n, value in vars(module).items()
-        if not n.startswith("_")
-        and (inspect.isclass(value) or inspect.isfunction(value))
-        and value.__module__ == module.__name__
-    }
-    assert defined <= exported, defined - exported

@@ -3,8 +3,6 @@ lines, and the WebVTT writer/reader."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -199,33 +197,6 @@ def test_whatever_an_engine_hands_out_the_written_document_parses_strictly(
 def test_a_malformed_document_is_refused(text: str, problem: str) -> None:
     with pytest.raises(VttError, match=problem):
         parse_vtt(text)
-
-
-TRANSCRIPTION_MODULES = (
-    "tuberunner.transcription",
-    "tuberunner.transcription.audio",
-    "tuberunner.transcription.cli_engine",
-    "tuberunner.transcription.engine",
-    "tuberunner.transcription.faster",
-    "tuberunner.transcription.settings",
-    "tuberunner.transcription.vtt",
-    "tuberunner.runner.processors.transcription",
-)
-
-
-@pytest.mark.parametrize("name", TRANSCRIPTION_MODULES)
-def test_each_module_exports_exactly_its_public_definitions(name: str) -> None:
-    module = importlib.import_module(name)
-    exported = set(module.__all__)
-    assert all(hasattr(module, n) for n in exported)
-    defined = {
-        n
-        for n, value in vars(module).items()
-        if not n.startswith("_")
-        and (inspect.isclass(value) or inspect.isfunction(value))
-        and value.__module__ == module.__name__
-    }
-    assert defined <= exported, defined - exported
 
 
 def test_a_runner_with_transcription_loads_no_engine_until_its_first_job() -> None:
