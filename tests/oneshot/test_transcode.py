@@ -97,6 +97,25 @@ def test_transcode_writes_mp4s_hls_storyboard_and_summary(tmp_path: Path, clip: 
     assert all(job["state"] == "Completed" for job in summary["jobs"])
 
 
+def test_an_audio_only_input_gives_outputs_as_long_as_the_audio(tmp_path: Path) -> None:
+    # The audio merge makes the top web video; every HLS rendition, the audio-only one included, is made
+    # from it and must be as long as the audio (ffmpeg 5.1's -shortest once added 1.5 s of picture to 6 s).
+    tone = tmp_path / "tone.m4a"
+    asyncio.run(make_sample_clip(find_ffmpeg(), tone, duration_s=3.0, audio_only=True))
+    out = tmp_path / "out"
+
+    result = _run("transcode", str(tone), "-o", str(out), "--resolutions", "480", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["video"]["state"] == "published"
+    assert summary["jobs"][0]["type"] == "vod-audio-merge-transcoding"
+    outputs = [*summary["webVideos"], *summary["hls"]["renditions"]]
+    assert {output["resolution"] for output in outputs} == {480, 0}
+    for output in outputs:
+        assert output["durationS"] == pytest.approx(3.0, abs=0.1), output
+
+
 def test_missing_input_unwritable_output_and_non_video_fail_clearly(tmp_path: Path) -> None:
     missing = _run("transcode", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o1"), cwd=tmp_path)
     assert missing.returncode == 2

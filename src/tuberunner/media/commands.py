@@ -11,6 +11,8 @@ the ffmpeg binary, for `process.run_ffmpeg`. Deliberate differences, none of whi
   the probe described and the audio rules judged. ffmpeg's default choice (the audio with the most channels)
   could differ and, say, stream-copy an AC-3 track the rules never looked at;
 * only one `-f` is written for HLS (PeerTube sets `-f mp4` then overrides it with `-f hls`);
+* the audio merge's looped picture lasts as long as the audio (`-t`), so that ffmpeg 5.1 makes a video as
+  long as the audio too (see `audio_merge_command`);
 * relative paths are written as `./name`, so that a name can never be read as an option or a protocol.
 
 The decisions (bitrate, audio copy, stream selection) are taken on `MediaInfo` from `probe.probe`.
@@ -154,6 +156,11 @@ def audio_merge_command(
     The picture keeps its own size, rounded down to even dimensions; `resolution` only feeds the bitrate.
     PeerTube's quirk is kept: the bitrate is computed from the *audio* file as if it were the video input
     (no picture, so ratio 0 and the 192 kbit/s fallback, capped at 1.3 x the audio file's bitrate).
+
+    The looped picture is given the audio's duration (`-t` on that input) on top of PeerTube's `-shortest`:
+    before ffmpeg 6.0, `-shortest` stopped the output only after the encoders, so every frame already inside
+    x264's lookahead was still written (a 6 s audio gave a 7.56 s video on ffmpeg 5.1, whose audio-only HLS
+    rendition was then 1.5 s short of its input). A picture that ends with the audio needs no cut.
     """
     if audio.audio is None:
         raise NoAudioStream(f"{audio.path.name} has no audio stream to put under the picture")
@@ -167,6 +174,7 @@ def audio_merge_command(
         *_prefix(),
         "-loop",
         "1",
+        *(["-t", _seconds(audio.duration_s)] if audio.duration_s > 0 else []),
         *_input(image),
         *_input(audio.path),
         "-map",
@@ -346,6 +354,11 @@ def _global_output_options() -> list[str]:
         "-pix_fmt",
         "yuv420p",
     ]
+
+
+def _seconds(value: float) -> str:
+    """A time option's value (`-t`, `-ss`, `-to`), to the millisecond."""
+    return f"{value:.3f}".rstrip("0").rstrip(".") or "0"
 
 
 def _prefix() -> list[str]:

@@ -36,6 +36,7 @@ from tuberunner.media.commands import (
     _input,
     _path,
     _prefix,
+    _seconds,
     _threads,
     _video_options,
 )
@@ -229,7 +230,3 @@ def _preset(video: MediaInfo, fps: int, settings: EncodeSettings, *, can_copy_au
         *_video_options(bitrate_source=video, resolution=video.video.short_side, fps=fps, scale=None),
         *audio_options(video.audio, settings.has_libfdk_aac, can_copy=can_copy_audio),
     ]
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.3f}".rstrip("0").rstrip(".") or "0"
