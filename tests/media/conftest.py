@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuberunner.media.binaries import find_ffmpeg
+from tuberunner.media.binaries import check_ffmpeg, find_ffmpeg
 from tuberunner.media.samples import make_sample_clip, make_still_image
 
 CLIP_DURATION_S = 3.0
@@ -86,18 +86,25 @@ def still_image(ffmpeg_path: Path, media_dir: Path) -> Path:
 def rotated_clip(ffmpeg_path: Path, media_dir: Path, sample_clip: Path) -> Path:
     """The sample clip with a 90° display rotation: stored 320x180, shown 180x320 (portrait)."""
     out = media_dir / "rotated.mp4"
+    release = asyncio.run(check_ffmpeg(ffmpeg_path)).release
+    # Both write the same display matrix: the `rotate` tag until ffmpeg 6.0 gave -display_rotation (input
+    # side) and later releases ignore the tag.
+    if release is None or release >= (6, 0):
+        rotate_input, rotate_output = ["-display_rotation", "90"], []
+    else:
+        rotate_input, rotate_output = [], ["-metadata:s:v:0", "rotate=90"]
     subprocess.run(
         [
             str(ffmpeg_path),
             "-hide_banner",
             "-nostdin",
             "-y",
-            "-display_rotation",
-            "90",
+            *rotate_input,
             "-i",
             str(sample_clip),
             "-c",
             "copy",
+            *rotate_output,
             str(out),
         ],
         check=True,

@@ -228,7 +228,7 @@ def _slow_storyboard_args(clip: Path, tmp_path: Path) -> list[str]:
 async def test_reading_input_counts_as_progress(
     ffmpeg_path: Path, detailed_clip: Path, tmp_path: Path
 ) -> None:
-    blocks: list[Progress] = []
+    block_times: list[float] = []
     began = time.monotonic()
 
     await run_ffmpeg(
@@ -236,13 +236,14 @@ async def test_reading_input_counts_as_progress(
         _slow_storyboard_args(detailed_clip, tmp_path),
         duration_s=3.0,
         stall_timeout_s=SILENT_STALL_TIMEOUT_S,
-        on_progress=blocks.append,
+        on_progress=lambda block: block_times.append(time.monotonic()),
     )
 
     assert (tmp_path / "sb.jpg").stat().st_size > 0
-    # It really was silent for longer than the stall timeout.
-    assert time.monotonic() - began > SILENT_STALL_TIMEOUT_S + 0.5
-    assert all(block.ended for block in blocks), "ffmpeg reported progress before the end after all"
+    # It really was silent for longer than the stall timeout: the first progress block came with the sheet,
+    # at the end (ffmpeg 5.1 writes a last "continue" block just before "end", later releases only "end").
+    assert block_times, "ffmpeg reported no progress at all"
+    assert block_times[0] - began > SILENT_STALL_TIMEOUT_S + 0.5
 
 
 async def test_without_input_accounting_the_silent_storyboard_would_stall(
