@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,25 @@ import pytest
 from tests.support.databases import postgres_available, postgres_database
 from tests.support.servers import ADMIN_TOKEN, RunningCoordinator, serve_coordinator
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.media.binaries import FFMPEG_PATH_ENV, check_ffmpeg, find_ffmpeg
+from tuberunner.media.errors import FfmpegUnavailable
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Which ffmpeg the media tests ran on (FFMPEG_PATH selects one); written even under -q, unlike the
+    # report header, so that a CI log names it.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"ffmpeg: {_ffmpeg_in_use()}")
+
+
+def _ffmpeg_in_use() -> str:
+    chosen_by = f" (chosen by {FFMPEG_PATH_ENV})" if os.environ.get(FFMPEG_PATH_ENV) else ""
+    try:
+        path = find_ffmpeg()
+        return f"{asyncio.run(check_ffmpeg(path)).version} at {path}{chosen_by}"
+    except FfmpegUnavailable as exc:
+        return f"unusable ({exc})"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -46,3 +68,20 @@ def result_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tests.support.results import make_result_files
 
     return make_result_files(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture
+def root_level() -> Iterator[logging.Logger]:
+    """The root logger's level and the levels `configure_logging` touches, put back afterwards."""
+    names = ("", "alembic", "httpx", "httpcore")
+    saved = {name: logging.getLogger(name).level for name in names}
+    handlers = list(logging.getLogger().handlers)
+    try:
+        yield logging.getLogger()
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

@@ -97,6 +97,7 @@ def coordinator_serve(
     from tuberunner.coordinator.config import CoordinatorConfig
     from tuberunner.ops.sd_notify import SystemdNotifier
 
+    _check_coordinator_ffmpeg()
     config = CoordinatorConfig(
         data_dir=data_dir,
         database_url=database_url,
@@ -118,6 +119,25 @@ def coordinator_serve(
         access_log=False,
     )
     _notifying_server(server_config, systemd).run()
+
+
+def _check_coordinator_ffmpeg() -> None:
+    """The coordinator makes the preview of audio uploads with ffmpeg: an unusable one (missing, too old)
+    stops it at start-up, exit code 2 like the runner's setup errors, rather than at the first upload."""
+    import asyncio
+    import logging
+
+    from tuberunner.media.binaries import check_ffmpeg, find_ffmpeg
+    from tuberunner.media.errors import FfmpegUnavailable
+
+    log = logging.getLogger("tuberunner.coordinator")
+    try:
+        ffmpeg = find_ffmpeg()
+        capabilities = asyncio.run(check_ffmpeg(ffmpeg))
+    except FfmpegUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        raise typer.Exit(2) from exc
+    log.info("ffmpeg %s at %s", capabilities.version, ffmpeg)
 
 
 def _notifying_server(config: uvicorn.Config, systemd: SystemdNotifier) -> uvicorn.Server:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import time
@@ -7,8 +8,17 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
+from typer.testing import CliRunner
 
-from tuberunner.media.binaries import FFMPEG_PATH_ENV, check_ffmpeg, find_ffmpeg, parse_encoders
+from tuberunner.cli import app
+from tuberunner.media.binaries import (
+    FFMPEG_PATH_ENV,
+    MINIMUM_RELEASE,
+    check_ffmpeg,
+    find_ffmpeg,
+    parse_encoders,
+    parse_release,
+)
 from tuberunner.media.errors import FfmpegUnavailable
 
 ENCODERS_SAMPLE = """\
@@ -28,13 +38,13 @@ def _script(path: Path, body: str) -> Path:
     return path
 
 
-def _fake_ffmpeg(directory: Path, encoders: str) -> Path:
+def _fake_ffmpeg(directory: Path, encoders: str, version: str = "6.1-fake") -> Path:
     # Answers -version and -encoders like ffmpeg, listing only the given encoders.
     listing = "\n".join(f" A....D {name}  {name} encoder" for name in encoders.split())
     return _script(
         directory / "ffmpeg",
         'case "$2" in\n'
-        '  -version) echo "ffmpeg version 6.1-fake Copyright (c) 2000-2023";;\n'
+        f'  -version) echo "ffmpeg version {version} Copyright (c) 2000-2023";;\n'
         f'  -encoders) printf "Encoders:\\n ------\\n{listing}\\n";;\n'
         "esac\n",
     )
@@ -110,6 +120,68 @@ async def test_fake_ffmpeg_with_libfdk_is_recognised(tmp_path: Path) -> None:
 
     assert capabilities.version == "6.1-fake"
     assert capabilities.has_libfdk_aac
+
+
+@pytest.mark.parametrize(
+    ("version", "release"),
+    [
+        ("5.1.9-0+deb12u1", (5, 1)),
+        ("n9.0.2-17-g2a571b6068-20260930", (9, 0)),
+        ("7.0.2-static", (7, 0)),
+        ("4.4.2-0ubuntu0.22.04.1", (4, 4)),
+        ("N-113000-g1ee7b8b", None),
+        ("git-2020-08-31-4a11a6f", None),
+    ],
+)
+def test_parse_release_reads_major_and_minor(version: str, release: tuple[int, int] | None) -> None:
+    assert parse_release(version) == release
+
+
+async def test_an_ffmpeg_older_than_the_minimum_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    fake = _fake_ffmpeg(tmp_path, "libx264 aac", version="4.4.2-0ubuntu0.22.04.1")
+
+    with pytest.raises(FfmpegUnavailable, match=r"version 4\.4\.2.*older than 5\.1") as refused:
+        await check_ffmpeg(fake)
+
+    assert FFMPEG_PATH_ENV in str(refused.value)
+    assert imageio_ffmpeg.get_ffmpeg_exe() in str(refused.value)
+
+
+@pytest.mark.parametrize("version", ["5.1.9-0+deb12u1", "N-113000-g1ee7b8b"])
+async def test_the_minimum_release_and_a_build_without_a_release_number_are_accepted(
+    tmp_path: Path, version: str
+) -> None:
+    capabilities = await check_ffmpeg(_fake_ffmpeg(tmp_path, "libx264 aac", version=version))
+
+    assert capabilities.version == version
+    assert capabilities.release == parse_release(version)
+    assert MINIMUM_RELEASE == (5, 1)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["server"], id="runner"),
+        pytest.param(["coordinator", "serve", "--data-dir", "{tmp}/data", "--port", "0"], id="coordinator"),
+        pytest.param(["transcode", "{fake}", "-o", "{tmp}/out"], id="one-shot"),
+    ],
+)
+def test_every_entry_point_refuses_an_old_ffmpeg_at_start_up(
+    tmp_path: Path, command: list[str], root_level: logging.Logger
+) -> None:
+    # In process (the CLI sets up logging: `root_level` puts it back); each exits before serving anything.
+    fake = _fake_ffmpeg(tmp_path, "libx264 aac", version="4.4.2-0ubuntu0.22.04.1")
+    env = {
+        FFMPEG_PATH_ENV: str(fake),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+    args = [part.format(tmp=tmp_path, fake=fake) for part in command]
+
+    result = CliRunner().invoke(app, args, env=env)
+
+    assert result.exit_code == 2, result.output
+    assert "older than 5.1" in result.stderr
 
 
 async def test_missing_binary_is_unavailable(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -38,23 +38,6 @@ class Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
-
-
-@pytest.fixture
-def root_level() -> Iterator[logging.Logger]:
-    """The root logger's level and the levels `configure_logging` touches, put back afterwards."""
-    names = ("", "alembic", "httpx", "httpcore")
-    saved = {name: logging.getLogger(name).level for name in names}
-    handlers = list(logging.getLogger().handlers)
-    try:
-        yield logging.getLogger()
-    finally:
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-            handler.close()
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
 
 
 async def _work_through_a_video(env: Env, result_files: dict[str, Path]) -> list[str]:

@@ -1,5 +1,10 @@
 """Finding ffmpeg and checking that it can do what the default profile needs.
 
+Supported: ffmpeg 5.1 (Debian 12's, the oldest release the suite runs on) and later; `check_ffmpeg` refuses
+an older release by its version number, so a runner, a coordinator or a one-shot run stops at start-up with
+the reason instead of publishing outputs that differ from PeerTube's. A build whose version is no release
+number (a git snapshot: "N-113000-g…") cannot be placed and is accepted.
+
 Order of discovery: an explicitly configured path, then `FFMPEG_PATH` (the variable fluent-ffmpeg and the
 community NVENC wrappers use), then `ffmpeg` on `PATH`, then the static build inside the `imageio-ffmpeg`
 wheel, so that `pip install` alone gives a working runner. An explicit setting that points nowhere is an
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -27,6 +33,9 @@ FFMPEG_PATH_ENV = "FFMPEG_PATH"
 # present, otherwise ffmpeg's native aac.
 REQUIRED_VIDEO_ENCODER = "libx264"
 AUDIO_ENCODERS = ("libfdk_aac", "aac")
+MINIMUM_RELEASE = (5, 1)
+# Version words: "5.1.9-0+deb12u1" (Debian), "n9.0.2-17-g2a571b6068-20260930" (static builds), "7.0.2-static".
+_RELEASE_PATTERN = re.compile(r"n?(\d+)\.(\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,8 @@ class FfmpegCapabilities:
     """What `check_ffmpeg` learnt about one ffmpeg binary."""
 
     version: str
+    release: tuple[int, int] | None
+    """(major, minor) read from `version`; None for a build that carries no release number."""
     encoders: frozenset[str]
     has_libfdk_aac: bool
 
@@ -79,28 +90,52 @@ def _executable(value: str, origin: str) -> Path:
 
 
 async def check_ffmpeg(path: Path, *, timeout_s: float = 10.0) -> FfmpegCapabilities:
-    """Run `ffmpeg -version` and `ffmpeg -encoders` and check the encoders the default profile needs.
+    """Run `ffmpeg -version` and `ffmpeg -encoders`: check the release and the encoders the profile needs.
 
     Raises `FfmpegUnavailable` with the reason when the binary cannot run, does not answer within
-    `timeout_s`, or lacks libx264 or an AAC encoder.
+    `timeout_s`, is older than `MINIMUM_RELEASE`, or lacks libx264 or an AAC encoder.
     """
     version_text = await _run_for_output(path, ["-hide_banner", "-version"], timeout_s)
-    encoders_text = await _run_for_output(path, ["-hide_banner", "-encoders"], timeout_s)
-
     first_line = version_text.strip().splitlines()[0] if version_text.strip() else ""
     if not first_line.startswith("ffmpeg version"):
         raise FfmpegUnavailable(f"{path} does not look like ffmpeg: -version printed {first_line[:80]!r}")
     words = first_line.split()
     version = words[2] if len(words) > 2 else "unknown"
+    release = parse_release(version)
+    if release is not None and release < MINIMUM_RELEASE:
+        raise FfmpegUnavailable(
+            f"ffmpeg at {path} is version {version}, older than {_dotted(MINIMUM_RELEASE)}, the oldest that "
+            f"Tuberunner supports: install a newer one or set {FFMPEG_PATH_ENV} (the runner's [ffmpeg] path "
+            f"too) to one{_bundled_hint()}"
+        )
 
-    encoders = parse_encoders(encoders_text)
+    encoders = parse_encoders(await _run_for_output(path, ["-hide_banner", "-encoders"], timeout_s))
     if REQUIRED_VIDEO_ENCODER not in encoders:
         raise FfmpegUnavailable(
             f"ffmpeg at {path} has no {REQUIRED_VIDEO_ENCODER} encoder (needed for video)"
         )
     if not any(name in encoders for name in AUDIO_ENCODERS):
         raise FfmpegUnavailable(f"ffmpeg at {path} has neither the aac nor the libfdk_aac encoder")
-    return FfmpegCapabilities(version=version, encoders=encoders, has_libfdk_aac="libfdk_aac" in encoders)
+    return FfmpegCapabilities(
+        version=version, release=release, encoders=encoders, has_libfdk_aac="libfdk_aac" in encoders
+    )
+
+
+def _dotted(release: tuple[int, int]) -> str:
+    return ".".join(map(str, release))
+
+
+def _bundled_hint() -> str:
+    try:
+        return f", such as the one of the imageio-ffmpeg package: {imageio_ffmpeg.get_ffmpeg_exe()}"
+    except RuntimeError:
+        return ""
+
+
+def parse_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of an `ffmpeg -version` version word, None when it names no release."""
+    match = _RELEASE_PATTERN.match(version)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def parse_encoders(text: str) -> frozenset[str]:
