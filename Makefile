@@ -32,13 +32,16 @@ lint: $(STAMP)
 
 # ffmpeg for the tests (FFMPEG_PATH selects it): the whole suite runs on the imageio-ffmpeg binary, which every
 # install has; then, when the system has one at SYSTEM_FFMPEG (Debian's 5.1, which most PeerTube hosts have),
-# the tests whose assertions are about what ffmpeg makes run again on it: the command builders, probe and
-# process supervision (media), the processors and studio edits on real files, and the one-shot outputs.
-# Left out of that second run: protocol, coordinator, fault and chaos tests (ffmpeg is only their workload)
-# and the one-shot interrupt/resume test (about jobs, not outputs; the slowest one-shot test).
+# the tests whose assertions are about what ffmpeg makes or how it fails run again on it: command builders,
+# probe and process supervision (media), the processors and studio edits on real files, the one-shot outputs
+# (web videos, HLS layout, audio-only chain, a corrupt input). Left out, to keep that run near a minute:
+# protocol, coordinator, fault and chaos tests (ffmpeg is only their workload), and the one-shot tests about
+# jobs or arguments rather than outputs (interrupt/resume, bad paths, edits already covered by tests/studio).
 SYSTEM_FFMPEG ?= /usr/bin/ffmpeg
-OUTPUT_TESTS := tests/media tests/runner/test_processors.py tests/studio tests/oneshot \
-	--deselect tests/oneshot/test_transcode.py::test_interrupt_then_resume_redoes_no_completed_job
+OUTPUT_TESTS := tests/media tests/runner/test_processors.py tests/studio/test_commands.py \
+	tests/studio/test_studio.py tests/oneshot/test_transcode.py \
+	--deselect tests/oneshot/test_transcode.py::test_interrupt_then_resume_redoes_no_completed_job \
+	--deselect tests/oneshot/test_transcode.py::test_missing_input_unwritable_output_and_non_video_fail_clearly
 
 test: lint
 	FFMPEG_PATH="$$($(BIN)/python -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" \
