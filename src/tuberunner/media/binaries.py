@@ -2,8 +2,8 @@
 
 Supported: ffmpeg 5.1 (Debian 12's, the oldest release the suite runs on) and later; `check_ffmpeg` refuses
 an older release by its version number, so a runner, a coordinator or a one-shot run stops at start-up with
-the reason instead of publishing outputs that differ from PeerTube's. A build whose version is no release
-number (a git snapshot: "N-113000-g…") cannot be placed and is accepted.
+the reason rather than run commands never checked on it. A build whose version is no release number (a git
+snapshot: "N-113000-g…") cannot be placed and is accepted.
 
 Order of discovery: an explicitly configured path, then `FFMPEG_PATH` (the variable fluent-ffmpeg and the
 community NVENC wrappers use), then `ffmpeg` on `PATH`, then the static build inside the `imageio-ffmpeg`
