@@ -220,7 +220,7 @@ async def seed_jobs(data_dir: Path, database_url: str | None, count: int) -> Non
     from tuberunner.coordinator.database import Database
     from tuberunner.coordinator.jobs import JobService
     from tuberunner.coordinator.models import Job, JobResult, JobSpec
-    from tuberunner.coordinator.storage import Storage
+    from tuberunner.coordinator.storage.local import LocalStorage
     from tuberunner.protocol.jobs import JobType
 
     async def never_completes(job: Job, result: JobResult) -> None:
@@ -231,7 +231,7 @@ async def seed_jobs(data_dir: Path, database_url: str | None, count: int) -> Non
     try:
         await db.migrate()
         service = JobService(
-            db, config, Storage(config.files_dir), notify_pending=lambda: None, completer=never_completes
+            db, config, LocalStorage(config.files_dir), notify_pending=lambda: None, completer=never_completes
         )
         video_uuid = str(uuidlib.uuid4())
         specs = []

@@ -89,6 +89,23 @@ def coordinator_serve(
             help="Redis shared by several coordinator processes on one PostgreSQL database",
         ),
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            envvar="TUBERUNNER_STORAGE",
+            help="Where files live: a folder (default: files/ in the data folder) or s3://BUCKET/PREFIX "
+            "(endpoint, region and credentials from the AWS variables and config files; "
+            "?addressing=path for path-style servers)",
+        ),
+    ] = None,
+    serve_outputs: Annotated[
+        str,
+        typer.Option(
+            "--serve-outputs",
+            help="With object storage: 'redirect' to presigned URLs, or 'stream' through the coordinator",
+        ),
+    ] = "redirect",
 ) -> None:
     """Serve the runner, admin and ingest APIs, and /healthz, /readyz, /metrics."""
     import uvicorn
@@ -98,6 +115,8 @@ def coordinator_serve(
     from tuberunner.ops.sd_notify import SystemdNotifier
 
     _check_coordinator_ffmpeg()
+    if serve_outputs not in ("redirect", "stream"):
+        raise typer.BadParameter("redirect or stream", param_hint="--serve-outputs")
     config = CoordinatorConfig(
         data_dir=data_dir,
         database_url=database_url,
@@ -105,6 +124,8 @@ def coordinator_serve(
         default_lease_s=lease,
         admin_token=os.environ.get("TUBERUNNER_ADMIN_TOKEN") or None,
         redis_url=redis_url,
+        storage=storage,
+        serve_outputs=serve_outputs,
     )
     systemd = SystemdNotifier.from_env()
     server_config = uvicorn.Config(

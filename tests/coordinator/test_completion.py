@@ -24,6 +24,7 @@ from tests.coordinator.test_ingest_support import (
     upload_ok,
     video_json,
 )
+from tests.support.protocol import results_folder, video_folder
 from tests.support.servers import RunningCoordinator
 from tuberunner.coordinator.models import JobResult
 from tuberunner.protocol.jobs import JobState, JobType
@@ -156,7 +157,7 @@ async def test_results_become_served_outputs(
 
     # results were moved, not copied; inputs now resolve to the outputs
     c = coordinator.coordinator
-    assert not any(c.storage.results_of(job["uuid"]).exists() for job in finished)
+    assert not any(results_folder(c, job["uuid"]).exists() for job in finished)
     audio_input = await c.videos.input_file(video["id"], "audio")
     assert audio_input is not None
     assert (audio_input.kind, audio_input.resolution) == ("hls-video", 0)
@@ -185,7 +186,7 @@ async def test_completion_runs_again_without_harm(
                 f.fps,
                 f.size_bytes,
                 str(f.extra),
-                c.storage.resolve(f.path).read_bytes(),
+                (c.config.files_dir / f.path).read_bytes(),
             )
             for f in files
         )
@@ -205,16 +206,16 @@ async def test_completion_runs_again_without_harm(
     # still waits in the results folder with the runner's file names.
     hls_job = await c.jobs.get(finished[1]["uuid"])
     assert hls_job is not None
-    folder = c.storage.video_dir(video_uuid)
+    folder = video_folder(c, video_uuid)
     playlist = folder / f"{video_uuid}-240.m3u8"
-    pending = c.storage.results_of(hls_job.uuid) / "retry" / "resolutionPlaylistFile.m3u8"
+    pending = results_folder(c, hls_job.uuid) / "retry" / "resolutionPlaylistFile.m3u8"
     pending.parent.mkdir(parents=True)
     pending.write_text(playlist.read_text().replace(f"{video_uuid}-240-fragmented.mp4", "/tmp/x/out.mp4"))
     playlist.unlink()
     result = JobResult(
         files={
-            "videoFile": c.storage.relative(pending.parent) + "/videoFile.mp4",
-            "resolutionPlaylistFile": c.storage.relative(pending),
+            "videoFile": pending.parent.relative_to(c.config.files_dir).as_posix() + "/videoFile.mp4",
+            "resolutionPlaylistFile": pending.relative_to(c.config.files_dir).as_posix(),
         },
         fields={},
     )
@@ -253,7 +254,7 @@ async def test_a_corrupt_result_errors_the_job_and_its_children(
     assert video["outputs"]["webVideos"] == []
     offered = await client.post(f"{RUNNERS}/jobs/request", json={"runnerToken": runner_token})
     assert offered.json()["availableJobs"] == []
-    assert not coordinator.coordinator.storage.results_of(job["uuid"]).exists()
+    assert not results_folder(coordinator.coordinator, job["uuid"]).exists()
 
 
 @sqlite_only
@@ -283,7 +284,7 @@ async def test_a_bad_playlist_errors_the_hls_job(
     assert error["type"] == "vod-hls-transcoding"
     assert "not an HLS playlist" in error["message"]
     assert video["outputs"]["hls"] is None  # nothing of the failed rendition was kept
-    folder = coordinator.coordinator.storage.video_dir(video_uuid)
+    folder = video_folder(coordinator.coordinator, video_uuid)
     assert {p.name for p in folder.iterdir()} == {"source.mp4", f"{video_uuid}-240.mp4"}
 
 
@@ -308,7 +309,7 @@ async def test_hls_only_drops_web_videos_once_every_rendition_exists(
     assert video["state"] == "published"
     assert video["outputs"]["webVideos"] == []
     assert sorted(r["resolution"] for r in video["outputs"]["hls"]["renditions"]) == [0, 144, 240]
-    assert not (coordinator.coordinator.storage.video_dir(video_uuid) / f"{video_uuid}-240.mp4").exists()
+    assert not (video_folder(coordinator.coordinator, video_uuid) / f"{video_uuid}-240.mp4").exists()
     web = await client.get(f"{coordinator.url}/static/web-videos/{video_uuid}-240.mp4")
     assert web.status_code == 404
 
@@ -341,7 +342,7 @@ async def test_deleting_a_published_video_removes_its_outputs(
     assert (await client.delete(f"/api/v1/videos/{video_uuid}", headers=ADMIN)).status_code == 204
 
     assert (await client.get(url)).status_code == 404
-    assert not coordinator.coordinator.storage.video_dir(video_uuid).exists()
+    assert not video_folder(coordinator.coordinator, video_uuid).exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -357,15 +358,15 @@ async def test_a_studio_result_becomes_the_new_source(
     studio = dataclasses.replace(
         parent, uuid=str(uuidlib.uuid4()), type=JobType.STUDIO, payload={"tasks": []}
     )
-    edited = c.storage.results_of(studio.uuid) / "n" / "videoFile.mp4"
+    edited = results_folder(c, studio.uuid) / "n" / "videoFile.mp4"
     edited.parent.mkdir(parents=True)
     shutil.copyfile(clips.video, edited)
-    result = JobResult(files={"videoFile": c.storage.relative(edited)}, fields={})
+    result = JobResult(files={"videoFile": edited.relative_to(c.config.files_dir).as_posix()}, fields={})
 
     await c.completer(studio, result)
     await c.completer(studio, result)
 
     sources = [f for f in await c.videos.files(video["id"]) if f.kind == "source"]
     assert [(f.name, f.resolution, f.fps) for f in sources] == [(f"source-studio-{studio.uuid}.mp4", 240, 25)]
-    assert c.storage.resolve(sources[0].path).read_bytes() == clips.video.read_bytes()
-    assert not (c.storage.video_dir(video_uuid) / "source.mp4").exists()
+    assert (c.config.files_dir / sources[0].path).read_bytes() == clips.video.read_bytes()
+    assert not (video_folder(c, video_uuid) / "source.mp4").exists()

@@ -20,6 +20,7 @@ from tests.coordinator.test_ingest_support import (
     upload_ok,
     video_json,
 )
+from tests.support.protocol import video_folder
 from tests.support.servers import RunningCoordinator, serve_coordinator
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.protocol.jobs import JobState
@@ -83,8 +84,8 @@ async def test_upload_is_probed_stored_and_gets_its_job_graph(
     c = coordinator.coordinator
     files = await c.videos.files(video["id"])
     assert [(f.kind, f.name, f.resolution, f.fps) for f in files] == [("source", "source.mp4", 240, 25)]
-    stored = c.storage.resolve(files[0].path)
-    assert stored.parent == c.storage.video_dir(video_uuid).resolve()
+    stored = c.config.files_dir / files[0].path
+    assert stored.parent == video_folder(c, video_uuid)
     assert stored.read_bytes() == clips.video.read_bytes()
     assert list(coordinator.config.uploads_dir.glob("*")) == []
 
@@ -273,7 +274,7 @@ async def test_delete_removes_jobs_rows_and_files(
     c = coordinator.coordinator
     for listed in video["jobs"]["list"]:
         assert await c.jobs.get(listed["uuid"]) is None
-    assert not c.storage.video_dir(video_uuid).exists()
+    assert not video_folder(c, video_uuid).exists()
     # the runner that held the parent learns it is gone
     update = await client.post(
         f"{RUNNERS}/jobs/{job_uuid}/update",
@@ -297,7 +298,7 @@ async def test_static_files_never_leave_their_kind_and_folder(
     coordinator: RunningCoordinator, client: httpx.AsyncClient, clips: Clips
 ) -> None:
     video_uuid = await upload_ok(client, clips.audio, resolutions="240")
-    folder = coordinator.coordinator.storage.video_dir(video_uuid)
+    folder = video_folder(coordinator.coordinator, video_uuid)
     assert (folder / "source.m4a").is_file()
     (folder.parent / "secret.txt").write_text("secret")
     good = f"/static/previews/{video_uuid}/preview.jpg"

@@ -16,7 +16,8 @@ from tuberunner.coordinator.database import Database
 from tuberunner.coordinator.jobs import JobService
 from tuberunner.coordinator.models import JobSpec
 from tuberunner.coordinator.schema import jobs, registration_tokens
-from tuberunner.coordinator.storage import Storage
+from tuberunner.coordinator.storage import video_key
+from tuberunner.coordinator.storage.local import LocalStorage
 from tuberunner.coordinator.videos import VideoStore
 from tuberunner.protocol.jobs import JobState, JobType
 
@@ -30,7 +31,7 @@ async def _seed_video_job(config: CoordinatorConfig, source: Path) -> tuple[str,
     from tuberunner.coordinator.schema import videos
 
     db = Database(config.sqlalchemy_url)
-    storage = Storage(config.files_dir)
+    storage = LocalStorage(config.files_dir)
     try:
         video_uuid, parent, child = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
         async with db.write() as conn:
@@ -40,10 +41,8 @@ async def _seed_video_job(config: CoordinatorConfig, source: Path) -> tuple[str,
                 )
             )
             video_id = int(result.inserted_primary_key[0])  # type: ignore[index]
-        dest = storage.video_dir(video_uuid) / "source.mp4"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(source.read_bytes())
-        await VideoStore(db, storage).put_file(video_id, "source", "source.mp4", dest, resolution=90, fps=25)
+        stored = await storage.put_bytes(video_key(video_uuid, "source.mp4"), source.read_bytes())
+        await VideoStore(db).put_file(video_id, "source", "source.mp4", stored, resolution=90, fps=25)
         files = f"/api/v1/runners/jobs/{{}}/files/videos/{video_uuid}/max-quality"
         service = JobService(db, config, storage, notify_pending=lambda: None, completer=None)  # type: ignore[arg-type]
         await service.create(

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.protocol import store_video_file
 from tests.support.results import result_parts
 from tests.support.servers import RunningCoordinator
 from tuberunner.coordinator.models import JobSpec
@@ -73,11 +74,10 @@ class Env:
                 )
             )
             video_id = int(result.inserted_primary_key[0])  # type: ignore[index]
-        source = self.c.storage.video_dir(video_uuid) / "source.mp4"
-        source.parent.mkdir(parents=True, exist_ok=True)
         data = bytes(range(256)) * 400
-        source.write_bytes(data)
-        await self.c.videos.put_file(video_id, "source", "source.mp4", source, resolution=720, fps=25)
+        await store_video_file(
+            self.c, video_id, video_uuid, "source", "source.mp4", data, resolution=720, fps=25
+        )
         parent = str(uuid.uuid4())
         specs = [
             JobSpec(
@@ -735,9 +735,9 @@ async def test_input_download_video_checks(env: Env) -> None:
 async def test_studio_task_files_are_checked_by_name(env: Env) -> None:
     token = await env.register("r")
     seeded = await env.seed(JobType.STUDIO, children=0)
-    intro = env.c.storage.video_dir(seeded.video_uuid) / "intro-1.mp4"
-    intro.write_bytes(b"intro bytes")
-    await env.c.videos.put_file(seeded.video_id, "task-file", "intro-1.mp4", intro)
+    await store_video_file(
+        env.c, seeded.video_id, seeded.video_uuid, "task-file", "intro-1.mp4", b"intro bytes"
+    )
     jt = await env.accept(token, seeded.parent)
     body = {"runnerToken": token, "jobToken": jt}
     base = FILES.format(job=seeded.parent, video=seeded.video_uuid) + "/studio/task-files/"

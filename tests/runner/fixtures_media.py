@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import insert
 
+from tests.support.protocol import store_video_file, video_folder
 from tests.support.servers import RunningCoordinator
 from tests.support.tcp_proxy import TcpProxy
 from tuberunner.coordinator.models import JobSpec
@@ -115,11 +116,8 @@ class Seeder:
         *,
         resolution: int | None = None,
     ) -> Path:
-        path = self.c.storage.video_dir(video_uuid) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        await self.c.videos.put_file(video_id, kind, name, path, resolution=resolution, fps=25)
-        return path
+        await store_video_file(self.c, video_id, video_uuid, kind, name, data, resolution=resolution, fps=25)
+        return video_folder(self.c, video_uuid) / name
 
     async def accept(self, job_uuid: str, http: httpx.AsyncClient | None = None) -> AcceptedJob:
         client = http or self.http

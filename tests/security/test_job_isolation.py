@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.coordinator.test_runner_api import FILES, Env
-from tests.support.protocol import admin_headers
+from tests.support.protocol import admin_headers, store_video_file
 from tuberunner.protocol.jobs import JobState, JobType
 
 JOBS = "/api/v1/runners/jobs"
@@ -46,11 +46,8 @@ class Held:
 async def _held_studio_job(env: Env) -> Held:
     a, b = await env.register("runner A"), await env.register("runner B")
     seeded = await env.seed(JobType.STUDIO, children=0)
-    folder = env.c.storage.video_dir(seeded.video_uuid)
-    (folder / "intro-1.mp4").write_bytes(INTRO)
-    (folder / "preview.jpg").write_bytes(PREVIEW)
-    await env.c.videos.put_file(seeded.video_id, "task-file", "intro-1.mp4", folder / "intro-1.mp4")
-    await env.c.videos.put_file(seeded.video_id, "preview", "preview.jpg", folder / "preview.jpg")
+    await store_video_file(env.c, seeded.video_id, seeded.video_uuid, "task-file", "intro-1.mp4", INTRO)
+    await store_video_file(env.c, seeded.video_id, seeded.video_uuid, "preview", "preview.jpg", PREVIEW)
     token = await env.accept(a, seeded.parent)
     return Held(a, b, seeded.parent, token, seeded.video_uuid, seeded.source_bytes)
 

@@ -14,7 +14,7 @@ import pytest
 from tests.coordinator.test_runner_api import FILES, Env
 from tests.security.marks import SQLITE_ONLY
 from tests.security.multipart import Part, multipart, text
-from tests.support.protocol import admin_headers
+from tests.support.protocol import admin_headers, store_video_file, video_folder
 from tuberunner.protocol.jobs import JobState, JobType
 
 JOBS = "/api/v1/runners/jobs"
@@ -64,7 +64,7 @@ async def test_success_file_names_never_become_paths(env: Env, tmp_path: Path, j
         assert r.status_code == 204, (index, r.text)
         assert await env.state(seeded.parent) == JobState.COMPLETED
     # Every stored name is the coordinator's own: the seeded source, `<video uuid>-…` outputs, the master.
-    videos = env.c.storage.root / "videos"
+    videos = env.c.config.files_dir / "videos"
     for folder in videos.iterdir():
         outputs = {p.name for p in folder.iterdir()} - {"source.mp4", "master.m3u8"}
         assert all(name.startswith(folder.name + "-") for name in outputs), outputs
@@ -115,7 +115,7 @@ async def test_ingest_upload_names_never_become_paths(
         r = await env.http.post("/api/v1/videos", content=body, headers={**headers, **admin_headers()})
         assert r.status_code == 200, (filename, r.text)
         video_uuid = r.json()["video"]["uuid"]
-        folder = env.c.storage.video_dir(video_uuid)
+        folder = video_folder(env.c, video_uuid)
         # The coordinator's names; a plain extension of the client's (`.mp4`) is kept as a hint, no more.
         names = sorted(p.name for p in folder.iterdir())
         assert len(names) == 3, names
@@ -162,9 +162,7 @@ TASK_FILE_NAMES = [
 async def test_task_file_names_outside_the_task_are_refused(env: Env, name: str) -> None:
     token = await env.register("r")
     seeded = await env.seed(JobType.STUDIO, children=0)
-    folder = env.c.storage.video_dir(seeded.video_uuid)
-    (folder / "intro-1.mp4").write_bytes(b"intro")
-    await env.c.videos.put_file(seeded.video_id, "task-file", "intro-1.mp4", folder / "intro-1.mp4")
+    await store_video_file(env.c, seeded.video_id, seeded.video_uuid, "task-file", "intro-1.mp4", b"intro")
     job_token = await env.accept(token, seeded.parent)
     body = {"runnerToken": token, "jobToken": job_token}
     base = FILES.format(job=seeded.parent, video=seeded.video_uuid) + "/studio/task-files/"

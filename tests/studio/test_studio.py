@@ -26,7 +26,7 @@ from tests.e2e.conftest import (
     register,
 )
 from tests.studio.conftest import MAIN_DURATION_S, MAIN_SIZE, WATERMARK_COLOR, StudioMedia
-from tests.support.protocol import create_video
+from tests.support.protocol import create_video, store_video_file
 from tests.support.servers import RunningCoordinator
 from tests.support.tcp_proxy import Plan
 from tuberunner.coordinator.job_graph import PRIORITY_STUDIO, runner_file_url
@@ -305,9 +305,8 @@ async def test_a_task_file_that_is_not_media_fails_the_job_with_the_reason(
     video_id, video_uuid = await create_video(
         coordinator, source=studio_media.main.read_bytes(), resolution=180
     )
-    bad = c.storage.video_dir(video_uuid) / "intro-bad.mp4"
-    bad.write_bytes(b"these are not the frames you are looking for\n" * 100)
-    await c.videos.put_file(video_id, "task-file", bad.name, bad)
+    bad_bytes = b"these are not the frames you are looking for\n" * 100
+    await store_video_file(c, video_id, video_uuid, "task-file", "intro-bad.mp4", bad_bytes)
     job_uuid = str(uuidlib.uuid4())
     payload = {
         "input": {
@@ -318,7 +317,7 @@ async def test_a_task_file_that_is_not_media_fails_the_job_with_the_reason(
         "tasks": [
             {
                 "name": "add-intro",
-                "options": {"file": runner_file_url(job_uuid, video_uuid, "studio/task-files/" + bad.name)},
+                "options": {"file": runner_file_url(job_uuid, video_uuid, "studio/task-files/intro-bad.mp4")},
             },
             {"name": "cut", "options": {"start": 0.5}},
         ],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import httpx
 from sqlalchemy import insert
@@ -24,6 +25,7 @@ from tests.support.servers import ADMIN_TOKEN, RunningCoordinator
 from tuberunner.coordinator.context import Coordinator
 from tuberunner.coordinator.models import JobSpec
 from tuberunner.coordinator.schema import videos
+from tuberunner.coordinator.storage import StoredObject, video_key
 from tuberunner.protocol.jobs import JobType
 
 RUNNERS = "/api/v1/runners"
@@ -136,10 +138,9 @@ async def create_video(
         assert key is not None
     video_id = int(key[0])
     if source is not None:
-        path = coordinator.storage.video_dir(video_uuid) / "source.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(source)
-        await coordinator.videos.put_file(video_id, "source", "source.mp4", path, resolution=resolution)
+        await store_video_file(
+            coordinator, video_id, video_uuid, "source", "source.mp4", source, resolution=resolution
+        )
     return video_id, video_uuid
 
 
@@ -153,3 +154,30 @@ async def seed_jobs(
     graph = list(specs(video_uuid))
     await coordinator_of(running).jobs.create(video_id, graph)
     return [spec.uuid for spec in graph]
+
+
+async def store_video_file(
+    coordinator: Coordinator,
+    video_id: int,
+    video_uuid: str,
+    kind: str,
+    name: str,
+    data: bytes,
+    *,
+    resolution: int | None = None,
+    fps: int | None = None,
+) -> StoredObject:
+    """Put `data` in the coordinator's storage as file `name` of the video, and record it."""
+    stored = await coordinator.storage.put_bytes(video_key(video_uuid, name), data)
+    await coordinator.videos.put_file(video_id, kind, name, stored, resolution=resolution, fps=fps)
+    return stored
+
+
+def video_folder(coordinator: Coordinator, video_uuid: str) -> Path:
+    """Where the default local-folder storage keeps a video's files."""
+    return coordinator.config.files_dir / "videos" / video_uuid
+
+
+def results_folder(coordinator: Coordinator, job_uuid: str) -> Path:
+    """Where the default local-folder storage keeps a job's accepted results."""
+    return coordinator.config.files_dir / "results" / job_uuid

@@ -18,7 +18,8 @@ from starlette.types import ASGIApp
 from tuberunner.coordinator import admin_api, dashboard, ingest_api, openapi, runner_api
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator
-from tuberunner.coordinator.problems import Problem, problem_response
+from tuberunner.coordinator.problems import Problem, problem_response, storage_problem
+from tuberunner.coordinator.storage import StorageError
 from tuberunner.ops import coordinator as ops_api
 from tuberunner.ops.sd_notify import SystemdNotifier
 
@@ -39,6 +40,11 @@ def _routes() -> list[BaseRoute]:
 async def _on_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
     return problem_response(request, exc)
+
+
+async def _on_storage_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StorageError)
+    return problem_response(request, storage_problem(request, exc))
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
@@ -72,7 +78,12 @@ def create_app(config: CoordinatorConfig, *, systemd: SystemdNotifier | None = N
     app = Starlette(
         routes=_routes(),
         lifespan=lifespan,
-        exception_handlers={Problem: _on_problem, HTTPException: _on_http_exception, Exception: _on_bug},
+        exception_handlers={
+            Problem: _on_problem,
+            StorageError: _on_storage_error,
+            HTTPException: _on_http_exception,
+            Exception: _on_bug,
+        },
         middleware=[Middleware(ops_api.JobLogContext)],
     )
     app.state.coordinator = coordinator

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import secrets
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,12 +38,6 @@ class UploadedFile:
     content_type: str
     size: int = 0
     claimed: bool = False
-
-    def move_to(self, dest: Path) -> None:
-        """Atomically put the file at `dest` (same file system: a rename) and take it out of cleanup."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, dest)
-        self.claimed = True
 
 
 @dataclass
@@ -301,14 +293,3 @@ async def _read_multipart(
         state.close()
     if not state.ended:
         raise BadRequest("Request body was cut before its end")
-
-
-def copy_file(src: Path, dest: Path) -> None:
-    """Copy through a temporary name so a half-written `dest` is never visible."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -14,21 +14,20 @@ Every result is checked before it is kept: media files are probed (a file that i
 promised raises, and the job becomes errored with the reason), playlists and captions are parsed.
 
 Every handler is idempotent: after a crash it runs again from the start on the same stored result. Each
-file is validated first, then moved with one `os.replace` (same file system), so a re-run either finds the
-result file still in the results folder or finds it already at its destination, and recording a row
-replaces any row of the same kind and name.
+file is validated first (media are probed on a local copy: `Storage.local_file`), then moved in storage,
+so a re-run either finds the result file still under its result key or finds it already at its
+destination, and recording a row replaces any row of the same kind and name. A storage that cannot be
+reached raises StorageUnavailable out of here: the job stays completing and is completed again later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import delete, insert, select
@@ -37,7 +36,7 @@ from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.job_graph import GraphOptions, build_job_graph, graph_options_from_json
 from tuberunner.coordinator.models import Job, JobResult
 from tuberunner.coordinator.schema import jobs, video_files
-from tuberunner.coordinator.storage import Storage
+from tuberunner.coordinator.storage import Storage, StorageError, StoredObject, check_key, video_key
 from tuberunner.coordinator.video_outputs import (
     MASTER_PLAYLIST_NAME,
     MAX_PLAYLIST_BYTES,
@@ -50,7 +49,6 @@ from tuberunner.coordinator.video_outputs import (
     rewrite_media_playlist,
     storyboard_name,
     web_video_name,
-    write_atomically,
 )
 from tuberunner.coordinator.videos import Video, VideoFile, VideoStore
 from tuberunner.media.probe import MediaInfo, hls_codecs_string, probe
@@ -101,8 +99,9 @@ class VideoCompleter:
     async def _web_video(self, job: Job, result: JobResult, video: Video) -> None:
         resolution = int(job.payload["output"]["resolution"])
         name = web_video_name(video.uuid, resolution)
-        dest = self.storage.video_dir(video.uuid) / name
-        info = await self._take_media(job, result, "videoFile", dest, need_video=True)
+        info, stored = await self._take_media(
+            job, result, "videoFile", video_key(video.uuid, name), need_video=True
+        )
         assert info.video is not None
         if info.video.short_side != resolution and job.type == JobType.VOD_WEB_VIDEO:
             log.warning("job %s asked for %dp and got %dp", job.uuid, resolution, info.video.short_side)
@@ -110,7 +109,7 @@ class VideoCompleter:
             video.id,
             "web-video",
             name,
-            dest,
+            stored,
             resolution=info.video.short_side,
             fps=round(info.video.fps),
             extra=_media_extra(info),
@@ -118,30 +117,34 @@ class VideoCompleter:
 
     async def _hls(self, job: Job, result: JobResult, video: Video) -> None:
         resolution = int(job.payload["output"]["resolution"])
-        folder = self.storage.video_dir(video.uuid)
+        storage = self.storage
         video_name = hls_video_name(video.uuid, resolution)
         playlist_name = hls_playlist_name(video.uuid, resolution)
-        playlist_dest = folder / playlist_name
+        playlist_dest = video_key(video.uuid, playlist_name)
         # The playlist is checked before anything moves; it is written after its media file.
-        playlist_src = self._result_file(job, result, "resolutionPlaylistFile")
-        if playlist_src.is_file():
-            playlist = rewrite_media_playlist(_read_text(playlist_src, MAX_PLAYLIST_BYTES), video_name)
-        elif playlist_dest.is_file():
-            playlist = _read_text(playlist_dest, MAX_PLAYLIST_BYTES)
+        playlist_src = self._result_key(job, result, "resolutionPlaylistFile")
+        from_result = await storage.exists(playlist_src)
+        if from_result:
+            text = await _read_text(storage, playlist_src, MAX_PLAYLIST_BYTES)
+            playlist = rewrite_media_playlist(text, video_name)
+        elif await storage.exists(playlist_dest):
+            playlist = await _read_text(storage, playlist_dest, MAX_PLAYLIST_BYTES)
         else:
             raise ResultError(f"result file resolutionPlaylistFile of job {job.uuid} is missing")
 
-        info = await self._take_media(
+        info, stored_video = await self._take_media(
             job,
             result,
             "videoFile",
-            folder / video_name,
+            video_key(video.uuid, video_name),
             need_video=resolution > 0,
             need_audio=resolution == 0,
         )
-        if playlist_src.is_file():
-            write_atomically(playlist_dest, playlist.encode())
-            playlist_src.unlink(missing_ok=True)
+        if from_result:
+            stored_playlist = await storage.put_bytes(playlist_dest, playlist.encode())
+            await storage.delete(playlist_src)
+        else:
+            stored_playlist = await storage.stat(playlist_dest)
 
         measured = playlist_bandwidth(playlist)
         fallback = info.bit_rate or (info.video.bit_rate if info.video else None) or 0
@@ -160,13 +163,13 @@ class VideoCompleter:
             video.id,
             "hls-video",
             video_name,
-            folder / video_name,
+            stored_video,
             resolution=resolution,
             fps=round(rendition.fps),
             extra=rendition.as_extra(),
         )
         await self.videos.put_file(
-            video.id, "hls-playlist", playlist_name, playlist_dest, resolution=resolution
+            video.id, "hls-playlist", playlist_name, stored_playlist, resolution=resolution
         )
         async with self._lock(video.id):
             await self._rebuild_master(video)
@@ -176,28 +179,26 @@ class VideoCompleter:
     async def _caption(self, job: Job, result: JobResult, video: Video) -> None:
         language = _language(result.fields.get("inputLanguage"), job.private_payload.get("language"))
         name = caption_name(video.uuid, language)
-        dest = self.storage.video_dir(video.uuid) / name
-        src = self._result_file(job, result, "vttFile")
-        source = src if src.is_file() else dest
-        if not source.is_file():
-            raise ResultError(f"result file vttFile of job {job.uuid} is missing")
-        text = _read_text(source, _MAX_CAPTION_BYTES)
+        dest = video_key(video.uuid, name)
+        src = self._result_key(job, result, "vttFile")
+        source = await self._source_of(job, "vttFile", src, dest)
+        text = await _read_text(self.storage, source, _MAX_CAPTION_BYTES)
         if not text.lstrip("\ufeff").startswith("WEBVTT"):
             raise ResultError("the caption file is not WebVTT (no WEBVTT header)")
-        if source is src:
-            _move(src, dest)
-        await self.videos.put_file(video.id, "caption", name, dest, extra={"language": language})
+        stored = await self.storage.move(src, dest) if source == src else await self.storage.stat(dest)
+        await self.videos.put_file(video.id, "caption", name, stored, extra={"language": language})
 
     async def _storyboard(self, job: Job, result: JobResult, video: Video) -> None:
         name = storyboard_name(video.uuid)
-        dest = self.storage.video_dir(video.uuid) / name
-        info = await self._take_media(job, result, "storyboardFile", dest, need_video=True)
+        info, stored = await self._take_media(
+            job, result, "storyboardFile", video_key(video.uuid, name), need_video=True
+        )
         assert info.video is not None
         await self.videos.put_file(
             video.id,
             "storyboard",
             name,
-            dest,
+            stored,
             extra={
                 "sprites": job.payload.get("sprites"),
                 "width": info.video.width,
@@ -210,13 +211,14 @@ class VideoCompleter:
         (web videos, HLS, storyboard, captions) and the task files go, and the video's job graph is built
         anew from the edited file, its root a child of this job (released when this job completes)."""
         name = f"source-studio-{job.uuid}.mp4"
-        dest = self.storage.video_dir(video.uuid) / name
-        info = await self._take_media(job, result, "videoFile", dest, need_video=True)
+        info, stored = await self._take_media(
+            job, result, "videoFile", video_key(video.uuid, name), need_video=True
+        )
         await self.videos.put_file(
             video.id,
             "source",
             name,
-            dest,
+            stored,
             resolution=info.video.short_side if info.video else None,
             fps=round(info.video.fps) if info.video else None,
             extra=_media_extra(info),
@@ -273,7 +275,7 @@ class VideoCompleter:
         """Write master.m3u8 from the recorded renditions. Each completion records its rendition before
         rebuilding and checks after writing that no rendition appeared meanwhile (another process may
         complete a sibling job), so the last writer always includes every rendition."""
-        path = self.storage.video_dir(video.uuid) / MASTER_PLAYLIST_NAME
+        key = video_key(video.uuid, MASTER_PLAYLIST_NAME)
         for _ in range(10):
             files = await self.videos.files(video.id)
             before = _hls_signature(files)
@@ -285,8 +287,8 @@ class VideoCompleter:
                 and (r := Rendition.from_file(f)) is not None
                 and r.playlist in playlists
             ]
-            write_atomically(path, build_master_playlist(renditions).encode())
-            await self.videos.put_file(video.id, "hls-master", MASTER_PLAYLIST_NAME, path)
+            stored = await self.storage.put_bytes(key, build_master_playlist(renditions).encode())
+            await self.videos.put_file(video.id, "hls-master", MASTER_PLAYLIST_NAME, stored)
             if _hls_signature(await self.videos.files(video.id)) == before:
                 return
         log.warning("master playlist of video %s kept changing; left as last written", video.uuid)
@@ -322,38 +324,47 @@ class VideoCompleter:
             raise ResultError(f"the video of job {job.uuid} no longer exists")
         return video
 
-    def _result_file(self, job: Job, result: JobResult, field: str) -> Path:
-        relative = result.files.get(field)
-        if relative is None:
+    def _result_key(self, job: Job, result: JobResult, field: str) -> str:
+        key = result.files.get(field)
+        if key is None:
             raise ResultError(f"the result of job {job.uuid} has no {field}")
-        return self.storage.resolve(relative)
+        try:
+            return check_key(key)
+        except ValueError as exc:
+            raise ResultError(f"the result of job {job.uuid} has a bad key for {field}") from exc
+
+    async def _source_of(self, job: Job, field: str, src: str, dest: str) -> str:
+        """The result file, or (on a re-run) the file it was already moved to."""
+        if await self.storage.exists(src):
+            return src
+        if await self.storage.exists(dest):
+            return dest
+        raise ResultError(f"result file {field} of job {job.uuid} is missing")
 
     async def _take_media(
         self,
         job: Job,
         result: JobResult,
         field: str,
-        dest: Path,
+        dest: str,
         *,
         need_video: bool = False,
         need_audio: bool = False,
-    ) -> MediaInfo:
+    ) -> tuple[MediaInfo, StoredObject]:
         """Probe the result file (or, on a re-run, the file already moved to `dest`), check it holds what
         the job promised, then move it to `dest`. Raises ProbeError / ResultError with the reason."""
-        src = self._result_file(job, result, field)
-        source = src if src.is_file() else dest
-        if not source.is_file():
-            raise ResultError(f"result file {field} of job {job.uuid} is missing")
-        info = await probe(source)
+        src = self._result_key(job, result, field)
+        source = await self._source_of(job, field, src, dest)
+        async with self.storage.local_file(source) as path:
+            info = await probe(path)
         if need_video and info.video is None:
             raise ResultError(f"{field} of job {job.uuid} has no video stream")
         if need_audio and info.audio is None:
             raise ResultError(f"{field} of job {job.uuid} has no audio stream")
         if info.video is None and info.audio is None:
             raise ResultError(f"{field} of job {job.uuid} has no audio or video stream")
-        if source is src:
-            _move(src, dest)
-        return info
+        stored = await self.storage.move(src, dest) if source == src else await self.storage.stat(dest)
+        return info, stored
 
     async def _forget(self, files: list[VideoFile]) -> None:
         """Remove rows first, then files: a row never points at a missing file."""
@@ -363,8 +374,8 @@ class VideoCompleter:
             await conn.execute(delete(video_files).where(video_files.c.id.in_([f.id for f in files])))
         for file in files:
             try:
-                self.storage.resolve(file.path).unlink(missing_ok=True)
-            except (OSError, ValueError) as exc:
+                await self.storage.delete(file.path)
+            except (StorageError, ValueError) as exc:
                 log.warning("could not remove %s: %s", file.path, exc)
 
     def _lock(self, video_id: int) -> asyncio.Lock:
@@ -375,20 +386,15 @@ class VideoCompleter:
         return lock
 
 
-def _move(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(src, dest)
-
-
-def _read_text(path: Path, limit: int) -> str:
-    with path.open("rb") as handle:
-        data = handle.read(limit + 1)
+async def _read_text(storage: Storage, key: str, limit: int) -> str:
+    data = await storage.read_bytes(key, limit)
+    name = key.rsplit("/", 1)[-1]
     if len(data) > limit:
-        raise ResultError(f"{path.name} is larger than {limit} bytes")
+        raise ResultError(f"{name} is larger than {limit} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ResultError(f"{path.name} is not UTF-8 text") from exc
+        raise ResultError(f"{name} is not UTF-8 text") from exc
 
 
 def _language(detected: Any, asked: Any) -> str:

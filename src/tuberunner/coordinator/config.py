@@ -35,6 +35,15 @@ class CoordinatorConfig:
     last_contact_flush_s: float = 5.0
     admin_token: str | None = None
     redis_url: str | None = None
+    # Where stored files live: None for `<data_dir>/files`, another folder, or `s3://BUCKET/PREFIX`.
+    storage: str | None = None
+    # With object storage, outputs are answered by a redirect to a presigned URL ("redirect") or streamed
+    # through the coordinator ("stream": when clients must not reach the bucket).
+    serve_outputs: str = "redirect"
+    # Lifetime of a presigned GET (output and input redirects: only long enough to start the transfer).
+    presigned_get_s: float = 900.0
+    # Lifetime of a presigned PUT given to a runner for a result: the whole job may run before it uploads.
+    presigned_put_s: float = 24 * 3600.0
     # Ingest defaults.
     resolutions: tuple[int, ...] = DEFAULT_LADDER
     hls: bool = True

@@ -16,7 +16,7 @@ from tuberunner.coordinator.database import Database
 from tuberunner.coordinator.jobs import JobService, run_forever
 from tuberunner.coordinator.notifier import Notifier
 from tuberunner.coordinator.runners import RunnerRegistry
-from tuberunner.coordinator.storage import Storage
+from tuberunner.coordinator.storage import Storage, open_storage
 from tuberunner.coordinator.videos import VideoStore
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,9 @@ class Coordinator:
         self.base_urls: dict[tuple[object, ...], str] = {}
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(config.sqlalchemy_url)
-        self.storage = Storage(config.files_dir)
-        self.videos = VideoStore(self.db, self.storage)
+        # Local copies of stored files (probing) are spooled beside incoming bodies: both are swept at start.
+        self.storage: Storage = open_storage(config.storage, config.files_dir, config.uploads_dir)
+        self.videos = VideoStore(self.db)
         self.completer = VideoCompleter(self.videos, self.storage)
         self.jobs = JobService(
             self.db, config, self.storage, notify_pending=self._ping, completer=self.completer
@@ -57,7 +58,7 @@ class Coordinator:
             await self.bus.runners_removed(runner_ids)
 
     async def start(self) -> None:
-        self.config.files_dir.mkdir(parents=True, exist_ok=True)
+        await self.storage.start()
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         # Bodies half-received when the last process died are garbage.
         for leftover in self.uploads_dir.iterdir():
@@ -107,6 +108,7 @@ class Coordinator:
         if self.bus is not None:
             await self.bus.close()
         await self.db.dispose()
+        await self.storage.close()
 
 
 def coordinator_of(request: Request) -> Coordinator:

@@ -1,4 +1,4 @@
-"""File answers that honour a single `Range` whatever the method.
+"""Answers with a stored file: streamed with a single `Range` honoured whatever the method, or a redirect.
 
 Runner downloads are POSTs (tokens travel in the body), and Starlette's FileResponse only honours
 `Range` on GET/HEAD; resuming a cut download is the point, so ranges are handled here for every method.
@@ -6,41 +6,45 @@ Runner downloads are POSTs (tokens travel in the body), and Starlette's FileResp
 
 from __future__ import annotations
 
+import logging
 import mimetypes
-import os
 import re
 from collections.abc import AsyncIterator
 from email.utils import formatdate
-from pathlib import Path
 
-import anyio
 from starlette.responses import Response, StreamingResponse
 
 from tuberunner.coordinator.problems import Problem, problem_response
+from tuberunner.coordinator.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 # ASCII digits, bounded: `int()` refuses more than 4300 digits (and `\d` takes other scripts' digits).
 _RANGE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$")
-_CHUNK = 256 * 1024
 
 mimetypes.add_type("application/vnd.apple.mpegurl", ".m3u8")
 mimetypes.add_type("text/vtt", ".vtt")
 mimetypes.add_type("video/mp4", ".mp4")
 
 
-def media_type_for(path: Path) -> str:
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+def media_type_for(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def file_response(path: Path, range_header: str | None, *, media_type: str | None = None) -> Response:
-    stat = os.stat(path)
-    size = stat.st_size
+async def stored_file_response(
+    storage: Storage, key: str, range_header: str | None, *, media_type: str | None = None
+) -> Response:
+    """The file under `key`, streamed from storage (whole or the asked range). StorageMissing and
+    StorageUnavailable propagate: the app answers them with 404 / 503 problems."""
+    stored = await storage.stat(key)
+    size = stored.size_bytes
     # Lets a runner tell whether a cached input is still the file we serve (same size is not enough).
     headers = {
         "accept-ranges": "bytes",
-        "etag": f'W/"{size:x}-{stat.st_mtime_ns:x}"',
-        "last-modified": formatdate(stat.st_mtime, usegmt=True),
+        "etag": stored.etag,
+        "last-modified": formatdate(stored.modified_at, usegmt=True),
     }
-    media_type = media_type or media_type_for(path)
+    media_type = media_type or media_type_for(key)
     start, end = 0, size
     status = 200
     if range_header:
@@ -59,8 +63,17 @@ def file_response(path: Path, range_header: str | None, *, media_type: str | Non
         headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
     headers["content-length"] = str(end - start)
     return StreamingResponse(
-        _read(path, start, end), status_code=status, headers=headers, media_type=media_type
+        _guarded(storage.read(key, start, end), key),
+        status_code=status,
+        headers=headers,
+        media_type=media_type,
     )
+
+
+def redirect_response(url: str) -> Response:
+    """302 to a presigned URL: a client that POSTed (runner downloads) follows with a GET without body,
+    which is what the URL was signed for."""
+    return Response(status_code=302, headers={"location": url, "cache-control": "no-store"})
 
 
 def _not_satisfiable(size: int) -> Response:
@@ -70,13 +83,11 @@ def _not_satisfiable(size: int) -> Response:
     return problem_response(None, problem)
 
 
-async def _read(path: Path, start: int, end: int) -> AsyncIterator[bytes]:
-    async with await anyio.open_file(path, "rb") as handle:
-        await handle.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            chunk = await handle.read(min(_CHUNK, remaining))
-            if not chunk:
-                break
-            remaining -= len(chunk)
+async def _guarded(chunks: AsyncIterator[bytes], key: str) -> AsyncIterator[bytes]:
+    """Once the status line is sent, a storage failure can only cut the body (the client sees a short
+    read and resumes with Range); it is logged, not raised into the server as a bug."""
+    try:
+        async for chunk in chunks:
             yield chunk
+    except StorageError as exc:
+        log.warning("serving %s stopped: %s", key, exc)

@@ -33,7 +33,7 @@ import re
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -46,7 +46,7 @@ from starlette.routing import BaseRoute, Route
 from tuberunner.coordinator.bodies import UploadedFile, read_body
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
-from tuberunner.coordinator.file_responses import file_response
+from tuberunner.coordinator.file_responses import redirect_response, stored_file_response
 from tuberunner.coordinator.job_graph import (
     GraphOptions,
     StudioEdits,
@@ -57,6 +57,14 @@ from tuberunner.coordinator.job_graph import (
 from tuberunner.coordinator.models import Job, iso
 from tuberunner.coordinator.problems import BadRequest, NotFound, PayloadTooLarge, invalid_params
 from tuberunner.coordinator.schema import jobs, video_files, videos
+from tuberunner.coordinator.storage import (
+    Storage,
+    StorageError,
+    StoredObject,
+    result_prefix,
+    video_key,
+    video_prefix,
+)
 from tuberunner.coordinator.video_outputs import STATIC_FOLDERS, outputs_json
 from tuberunner.coordinator.videos import Video, VideoFile
 from tuberunner.media.binaries import find_ffmpeg
@@ -162,20 +170,29 @@ async def _store(
     edits: StudioEdits | None = None,
     task_files: Mapping[str, UploadedFile] | None = None,
 ) -> int:
-    """Move the files in, insert the rows, create the jobs; on any failure undo all of it."""
-    folder = c.storage.video_dir(video_uuid)
+    """Put the files in storage, insert the rows, create the jobs; on any failure undo all of it."""
+    storage = c.storage
     video_id: int | None = None
+    preview_file: Path | None = None
     try:
-        source = folder / f"source{_safe_suffix(upload.filename)}"
-        upload.move_to(source)
-        preview_path: Path | None = None
+        source_name = f"source{_safe_suffix(upload.filename)}"
+        preview_name = ""
         if preview is not None:
-            preview_path = folder / f"preview{_safe_suffix(preview.filename, '.jpg')}"
-            preview.move_to(preview_path)
+            preview_file, preview_name = preview.path, f"preview{_safe_suffix(preview.filename, '.jpg')}"
         elif is_audio_upload(info):
-            preview_path = await _make_preview(source, info, folder / "preview.jpg")
-        for task_name, task_upload in (task_files or {}).items():
-            task_upload.move_to(folder / task_name)
+            # Made from the upload while it is still a local file, before it goes into storage.
+            preview_name = "preview.jpg"
+            preview_file = await _make_preview(upload.path, info, c.config.uploads_dir)
+        source = await _put(storage, video_key(video_uuid, source_name), upload)
+        stored_preview = None
+        if preview_file is not None:
+            stored_preview = await storage.put_file(video_key(video_uuid, preview_name), preview_file)
+            if preview is not None:
+                preview.claimed = True
+        stored_tasks = [
+            (task_name, await _put(storage, video_key(video_uuid, task_name), task_upload))
+            for task_name, task_upload in (task_files or {}).items()
+        ]
         stored_options = _options_json(options)
         if edits is not None and edits.any:
             stored_options["studio"] = edits.as_json()
@@ -200,27 +217,45 @@ async def _store(
         await c.videos.put_file(
             video_id,
             "source",
-            source.name,
+            source_name,
             source,
             resolution=short_side,
             fps=round(info.video.fps) if short_side is not None and info.video is not None else None,
         )
-        if preview_path is not None:
-            await c.videos.put_file(video_id, "preview", preview_path.name, preview_path)
-        for task_name in task_files or {}:
-            await c.videos.put_file(video_id, "task-file", task_name, folder / task_name)
+        if stored_preview is not None:
+            await c.videos.put_file(video_id, "preview", preview_name, stored_preview)
+        for task_name, stored_task in stored_tasks:
+            await c.videos.put_file(video_id, "task-file", task_name, stored_task)
         await c.jobs.create(video_id, specs)
     except BaseException:
         if video_id is not None:
             async with c.db.write() as conn:
                 await conn.execute(delete(videos).where(videos.c.id == video_id))
-        c.storage.remove_tree(folder)
+        await _delete_quietly(storage.delete_prefix(video_prefix(video_uuid)), video_uuid)
         raise
+    finally:
+        if preview is None and preview_file is not None:
+            preview_file.unlink(missing_ok=True)  # a generated still that did not reach storage
     return video_id
 
 
-async def _make_preview(source: Path, info: MediaInfo, out: Path) -> Path:
-    """The cover art of an audio file when it has one, else a plain dark still."""
+async def _put(storage: Storage, key: str, upload: UploadedFile) -> StoredObject:
+    stored = await storage.put_file(key, upload.path)
+    upload.claimed = True
+    return stored
+
+
+async def _delete_quietly(deletion: Awaitable[None], what: str) -> None:
+    """Files left behind by a failure or a deletion are garbage, not a reason to fail the answer."""
+    try:
+        await deletion
+    except StorageError as exc:
+        log.warning("files of %s were left in storage: %s", what, exc)
+
+
+async def _make_preview(source: Path, info: MediaInfo, folder: Path) -> Path:
+    """The cover art of an audio file when it has one, else a plain dark still (a new file in `folder`)."""
+    out = folder / f"preview-{uuidlib.uuid4().hex}.jpg"
     ffmpeg = find_ffmpeg()
     prefix = ["-hide_banner", "-nostdin", "-y", "-loglevel", "error"]
     still = ["-frames:v", "1", "-q:v", "3", "-update", "1", str(out)]
@@ -576,11 +611,11 @@ async def delete_video(request: Request) -> Response:
     for job in video_jobs:
         if job.parent_id is None or job.parent_id not in ids:
             await c.jobs.delete(job)
-    for job in video_jobs:
-        c.storage.remove_tree(c.storage.results_of(job.uuid))
     async with c.db.write() as conn:
         await conn.execute(delete(videos).where(videos.c.id == video.id))
-    c.storage.remove_tree(c.storage.video_dir(video.uuid))
+    for job in video_jobs:
+        await _delete_quietly(c.storage.delete_prefix(result_prefix(job.uuid)), f"job {job.uuid}")
+    await _delete_quietly(c.storage.delete_prefix(video_prefix(video.uuid)), f"video {video.uuid}")
     log.info("video %s deleted with %d job(s)", video.uuid, len(video_jobs))
     return Response(status_code=204)
 
@@ -616,19 +651,25 @@ def _static(folder: str) -> Any:
         )
         if file is None:
             raise NotFound("File not found")
-        try:
-            path = c.storage.resolve(file.path)
-        except ValueError:
-            raise NotFound("File not found") from None
-        if not path.is_relative_to(c.storage.video_dir(video_uuid).resolve()) or not path.is_file():
+        if not file.path.startswith(video_prefix(video_uuid)):
             raise NotFound("File not found")
-        response = file_response(path, request.headers.get("range"))
+        response = await _output_response(c, file.path, request.headers.get("range"))
         response.headers["access-control-allow-origin"] = "*"
-        if path.suffix == ".m3u8":
+        if file.path.endswith(".m3u8"):
             response.headers["cache-control"] = "no-cache"
         return response
 
     return serve
+
+
+async def _output_response(c: Coordinator, key: str, range_header: str | None) -> Response:
+    """A redirect to a presigned URL when the store signs them and the operator did not ask for streaming;
+    playlists are always streamed (small, and their relative URIs must resolve against our URL)."""
+    if c.config.serve_outputs == "redirect" and not key.endswith(".m3u8"):
+        url = await c.storage.presigned_get(key, expires_s=c.config.presigned_get_s)
+        if url is not None:
+            return redirect_response(url)
+    return await stored_file_response(c.storage, key, range_header)
 
 
 routes: list[BaseRoute] = [

@@ -51,7 +51,7 @@ from tuberunner.coordinator.database import Database
 from tuberunner.coordinator.models import Job, JobResult, JobSpec, absolutize
 from tuberunner.coordinator.problems import BadRequest, Conflict, NotFound
 from tuberunner.coordinator.schema import jobs
-from tuberunner.coordinator.storage import Storage
+from tuberunner.coordinator.storage import Storage, StorageError, StorageUnavailable, result_prefix
 from tuberunner.protocol.errors import ErrorCode, Message
 from tuberunner.protocol.jobs import (
     CANCELLABLE_STATES,
@@ -556,26 +556,36 @@ class JobService:
     async def success(self, job: Job, result: JobResult) -> None:
         """PROCESSING → COMPLETING (committed), then completion; waits for it up to SUCCESS_WAIT_S."""
         now = self.clock()
-        async with self.db.write() as conn:
-            updated = await conn.execute(
-                update(jobs)
-                .where(*self._held(job), jobs.c.state == JobState.PROCESSING)
-                .values(
-                    state=JobState.COMPLETING,
-                    result=result.as_json(),
-                    progress=100,
-                    lease_expires_at=now + self.config.lease_for(job.type),
-                    updated_at=now,
+        retried = False
+        try:
+            async with self.db.write() as conn:
+                updated = await conn.execute(
+                    update(jobs)
+                    .where(*self._held(job), jobs.c.state == JobState.PROCESSING)
+                    .values(
+                        state=JobState.COMPLETING,
+                        result=result.as_json(),
+                        progress=100,
+                        lease_expires_at=now + self.config.lease_for(job.type),
+                        updated_at=now,
+                    )
                 )
-            )
-            if updated.rowcount != 1:
-                self._discard(result)
-                row = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().first()
-                current = Job.from_row(row) if row else None
-                same_call = current is not None and current.processing_job_token == job.processing_job_token
-                if same_call and current is not None and self.is_retried_success(current):
-                    return  # a concurrent copy of this same `success` got there first: as for a retry
-                await self._explain_lost(conn, job)
+                if updated.rowcount != 1:
+                    row = (await conn.execute(select(jobs).where(jobs.c.id == job.id))).mappings().first()
+                    current = Job.from_row(row) if row else None
+                    same_call = (
+                        current is not None and current.processing_job_token == job.processing_job_token
+                    )
+                    # A concurrent copy of this same `success` got there first: as for a retry.
+                    retried = same_call and current is not None and self.is_retried_success(current)
+                    if not retried:
+                        await self._explain_lost(conn, job)
+        except BaseException:
+            await self._discard(result)
+            raise
+        if retried:
+            await self._discard(result)
+            return
         task = self._start_completion(job.id)
         try:
             await asyncio.wait_for(asyncio.shield(task), SUCCESS_WAIT_S)
@@ -584,9 +594,16 @@ class JobService:
                 "completion of job %s takes longer than %.0f s; answering now", job.uuid, SUCCESS_WAIT_S
             )
 
-    def _discard(self, result: JobResult) -> None:
-        for relative in result.files.values():
-            self.storage.remove_tree(self.storage.resolve(relative).parent)
+    async def _discard(self, result: JobResult) -> None:
+        """The stored files of a `success` that did not take (each call has its own folder)."""
+        for key in result.files.values():
+            await self._delete_quietly(key.rsplit("/", 1)[0] + "/")
+
+    async def _delete_quietly(self, prefix: str) -> None:
+        try:
+            await self.storage.delete_prefix(prefix)
+        except StorageError as exc:  # garbage left in storage, not a reason to fail the call
+            log.warning("could not remove %s from storage: %s", prefix, exc)
 
     def is_retried_success(self, job: Job) -> bool:
         """A `success` whose earlier attempt got through: same token, already past PROCESSING."""
@@ -615,6 +632,17 @@ class JobService:
             await self.completer(job, JobResult.from_json(job.result))
         except asyncio.CancelledError:
             raise  # shutdown: the job stays COMPLETING and is completed again at the next start
+        except StorageUnavailable as exc:
+            # Nothing is wrong with the result: the job stays COMPLETING and the reaper (any process)
+            # runs its completion again once this short lease expires.
+            log.warning("completion of job %s waits for storage: %s", job.uuid, exc)
+            async with self.db.write() as conn:
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job.id, jobs.c.state == JobState.COMPLETING)
+                    .values(lease_expires_at=self.clock() + self.config.reaper_interval_s)
+                )
+            return
         except Exception as exc:
             log.exception("completion of job %s failed", job.uuid)
             error = f"Completion failed: {exc}"[:5000] or "Completion failed"
@@ -643,7 +671,7 @@ class JobService:
             else:
                 await self._end_with_error(conn, job, error, failures=job.failures, held=False)
                 released = 0
-        self.storage.remove_tree(self.storage.results_of(job.uuid))
+        await self._delete_quietly(result_prefix(job.uuid))
         self._changed(new_pending=released > 0)
 
     async def recover_completions(self) -> int:
@@ -787,7 +815,7 @@ class JobService:
                 await self.cancel(job)
         async with self.db.write() as conn:
             await conn.execute(delete(jobs).where(jobs.c.id == job.id))
-        self.storage.remove_tree(self.storage.results_of(job.uuid))
+        await self._delete_quietly(result_prefix(job.uuid))
         self._changed(new_pending=False)
 
     async def requeue_runner_jobs(self, conn: AsyncConnection, runner_ids: Iterable[int]) -> int:

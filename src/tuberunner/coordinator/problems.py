@@ -5,7 +5,11 @@
     ├── NotFound (404)
     ├── Conflict (409)
     ├── Unauthorized (401) / Forbidden (403)   admin endpoints only
-    └── PayloadTooLarge (413)
+    ├── PayloadTooLarge (413)
+    └── ServiceUnavailable (503)    a part we depend on (object storage) cannot be reached; try again
+
+Storage errors become problems here too (`storage_problem`): a file missing from storage is a 404 naming
+the file, an unreachable store a 503 with Retry-After; both are logged with their cause.
 
 Handlers raise these; `problem_response` renders them. Anything else that escapes a handler is our bug:
 it is logged and answered with a 500 problem document by the outermost middleware, never a crash.
@@ -13,13 +17,17 @@ it is logged and answered with a 500 problem document by the outermost middlewar
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from tuberunner.coordinator.storage import StorageError, StorageMissing
 from tuberunner.protocol.errors import PROBLEM_TYPE_BASE, ErrorCode, Message
+
+log = logging.getLogger(__name__)
 
 
 class Problem(Exception):
@@ -66,6 +74,27 @@ class PayloadTooLarge(Problem):
 
 class UnsupportedMediaType(Problem):
     status = 415
+
+
+class ServiceUnavailable(Problem):
+    status = 503
+
+
+# What a client is told to wait before trying again while storage is unreachable.
+STORAGE_RETRY_AFTER_S = 5
+
+
+def storage_problem(request: Request | None, exc: StorageError) -> Problem:
+    """StorageMissing → 404, anything else (unreachable, refused) → 503; logged with the cause."""
+    where = f" on {request.method} {request.url.path}" if request is not None else ""
+    if isinstance(exc, StorageMissing):
+        log.error("file missing from storage%s: %s", where, exc)
+        return NotFound(f"File missing from storage: {exc}")
+    log.error("storage unavailable%s: %s", where, exc)
+    return ServiceUnavailable(
+        f"Storage is unavailable, try again later: {exc}",
+        headers={"retry-after": str(STORAGE_RETRY_AFTER_S)},
+    )
 
 
 def invalid_params(fields: Iterable[str], reasons: dict[str, str] | None = None) -> BadRequest:

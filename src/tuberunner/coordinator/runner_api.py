@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+import secrets
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -14,12 +16,16 @@ from starlette.routing import Route
 
 from tuberunner.coordinator.bodies import Body, UploadedFile, read_body
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
-from tuberunner.coordinator.file_responses import file_response
+from tuberunner.coordinator.file_responses import redirect_response, stored_file_response
 from tuberunner.coordinator.models import Job, JobResult
 from tuberunner.coordinator.problems import BadRequest, Conflict, Forbidden, NotFound, invalid_params
 from tuberunner.coordinator.runners import RunnerAuth
+from tuberunner.coordinator.storage import StorageError, result_key
 from tuberunner.protocol.errors import ErrorCode, Message
 from tuberunner.protocol.jobs import (
+    FEATURES_HEADER,
+    RAW_UPLOAD_BODY,
+    RAW_UPLOAD_FEATURE,
     REQUIRED_SUCCESS_FILES,
     SUCCESS_FILE_FIELDS,
     UPDATE_FILE_FIELDS,
@@ -27,6 +33,7 @@ from tuberunner.protocol.jobs import (
     JobType,
 )
 
+log = logging.getLogger(__name__)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _TASK_FILENAME = re.compile(r"^[a-z0-9-]+\.[a-z0-9]{1,8}$")
@@ -189,7 +196,7 @@ async def accept(request: Request) -> Response:
             taken = await c.jobs.try_accept(job_uuid, known.runner.id)
             if taken is not None:
                 c.runners.touch(known.runner.id, _client_ip(request))
-                return _accepted(request, taken, known)
+                return await _accepted(request, taken, known)
         job = await c.jobs.get(job_uuid)
         if job is None:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
@@ -203,13 +210,41 @@ async def accept(request: Request) -> Response:
         assert token is not None
         auth = await _runner(c, token, request)
         accepted = await c.jobs.accept(job, auth.runner.id)
-    return _accepted(request, accepted, auth)
+    return await _accepted(request, accepted, auth)
 
 
-def _accepted(request: Request, job: Job, auth: RunnerAuth) -> Response:
+async def _accepted(request: Request, job: Job, auth: RunnerAuth) -> Response:
     job_json = job.as_json(base_url_of(request), auth.runner)
     job_json["jobToken"] = job.processing_job_token
+    if RAW_UPLOAD_FEATURE in request.headers.get(FEATURES_HEADER, "").replace(" ", "").split(","):
+        await _offer_direct_uploads(coordinator_of(request), job, job_json)
     return JSONResponse({"job": job_json})
+
+
+async def _offer_direct_uploads(c: Coordinator, job: Job, job_json: dict[str, Any]) -> None:
+    """With object storage, a runner that PUTs raw files gets a presigned URL per result file
+    (`output.<field>CustomUpload`) and sends `success` without them; the keys follow from the job token,
+    so any coordinator process finds the files. Without a signing store, nothing is offered."""
+    output = job_json["payload"].get("output")
+    token = job.processing_job_token
+    if not isinstance(output, dict) or token is None:
+        return
+    for name in REQUIRED_SUCCESS_FILES[job.type]:
+        key = _direct_result_key(job.uuid, token, name)
+        try:
+            url = await c.storage.presigned_put(key, expires_s=c.config.presigned_put_s)
+        except StorageError as exc:  # the runner then uploads through us, as the official runner does
+            log.warning("no direct upload offered for job %s: %s", job.uuid, exc)
+            return
+        if url is None:
+            return
+        output[f"{name}CustomUpload"] = {"url": url, "method": "PUT", "body": RAW_UPLOAD_BODY}
+
+
+def _direct_result_key(job_uuid: str, job_token: str, name: str) -> str:
+    # One folder per accept (a job token), named by a digest: the token itself never appears in a URL.
+    nonce = "direct-" + hashlib.sha256(job_token.encode()).hexdigest()[:16]
+    return result_key(job_uuid, nonce, f"{name}{_RESULT_SUFFIX.get(name, '.bin')}")
 
 
 async def abort(request: Request) -> Response:
@@ -304,12 +339,14 @@ async def success(request: Request) -> Response:
             return Response(status_code=_NO_CONTENT)
         if job.state != JobState.PROCESSING:
             raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
-        result = _store_result(c, job, body)
+        result = await _store_result(c, job, body)
         await c.jobs.success(job, result)
     return Response(status_code=_NO_CONTENT)
 
 
-def _store_result(c: Coordinator, job: Job, body: Body) -> JobResult:
+async def _store_result(c: Coordinator, job: Job, body: Body) -> JobResult:
+    """The result files into storage: those in the body under a fresh nonce, and those the runner PUT
+    to its presigned URLs where they are (any process finds them there)."""
     payload = body.fields.get("payload")
     if payload is None:
         payload = {}
@@ -319,19 +356,27 @@ def _store_result(c: Coordinator, job: Job, body: Body) -> JobResult:
     for field_name, upload in body.files.items():
         files_by_name[field_name[len("payload[") : -1]] = upload
     required = REQUIRED_SUCCESS_FILES[job.type]
-    if any(name not in files_by_name for name in required) or set(files_by_name) - set(required):
+    if set(files_by_name) - set(required):
         raise BadRequest(Message.PAYLOAD_INVALID)
+    stored: dict[str, str] = {}
+    for name in required:
+        if name in files_by_name or job.processing_job_token is None:
+            continue
+        key = _direct_result_key(job.uuid, job.processing_job_token, name)
+        if not await c.storage.exists(key):
+            raise BadRequest(Message.PAYLOAD_INVALID)
+        stored[name] = key
     if job.type == JobType.TRANSCRIPTION:
         language = payload.get("inputLanguage")
         if language is not None and not (isinstance(language, str) and 1 <= len(language) <= 100):
             raise BadRequest(Message.PAYLOAD_INVALID)
     fields = {k: v for k, v in payload.items() if isinstance(v, str | int | float | bool)}
-    result_dir: Path = c.storage.new_result_dir(job.uuid)
-    stored: dict[str, str] = {}
+    nonce = secrets.token_hex(8)
     for name, upload in files_by_name.items():
-        dest = result_dir / f"{name}{_RESULT_SUFFIX.get(name, '.bin')}"
-        upload.move_to(dest)
-        stored[name] = c.storage.relative(dest)
+        key = result_key(job.uuid, nonce, f"{name}{_RESULT_SUFFIX.get(name, '.bin')}")
+        await c.storage.put_file(key, upload.path)
+        upload.claimed = True
+        stored[name] = key
     return JobResult(files=stored, fields=fields)
 
 
@@ -366,7 +411,11 @@ async def download(request: Request) -> Response:
         file = await c.videos.input_file(video.id, which)
     if file is None:
         raise NotFound(Message.VIDEO_NOT_FOUND)
-    return file_response(c.storage.resolve(file.path), request.headers.get("range"))
+    # With object storage: 302 to a presigned GET (the runner follows with a GET, Range kept).
+    url = await c.storage.presigned_get(file.path, expires_s=c.config.presigned_get_s)
+    if url is not None:
+        return redirect_response(url)
+    return await stored_file_response(c.storage, file.path, request.headers.get("range"))
 
 
 def _kind_of(request: Request) -> str:

@@ -1,6 +1,6 @@
 """Output files of a video: their names, HLS playlists, and the JSON that lists them with public URLs.
 
-Names on disk and in URLs (all inside `storage.video_dir(<uuid>)`, recorded in `video_files`):
+Names in storage and in URLs (all under the key `videos/<uuid>/`, recorded in `video_files`):
 
     <uuid>-<res>.mp4                 web video            /static/web-videos/<name>
     <uuid>-<res>-fragmented.mp4      HLS rendition        /static/streaming-playlists/hls/<uuid>/<name>
@@ -10,17 +10,14 @@ Names on disk and in URLs (all inside `storage.video_dir(<uuid>)`, recorded in `
     <uuid>-storyboard.jpg            storyboard sprites   /static/storyboards/<uuid>/<name>
     preview.<ext>                    audio upload still   /static/previews/<uuid>/<name>
 
-A URL is served only when it names a recorded file of the right kind; the path on disk always comes from the
+A URL is served only when it names a recorded file of the right kind; the storage key always comes from the
 database row, never from the URL.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from tuberunner.coordinator.videos import VideoFile
@@ -74,17 +71,6 @@ def static_path(video_uuid: str, file: VideoFile) -> str | None:
         if file.kind in kinds:
             return f"/static/{folder}/{video_uuid}/{file.name}"
     return None
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old content or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ playlists

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, insert, select
@@ -25,7 +24,7 @@ from sqlalchemy.engine import RowMapping
 
 from tuberunner.coordinator.database import Database
 from tuberunner.coordinator.schema import video_files, videos
-from tuberunner.coordinator.storage import Storage
+from tuberunner.coordinator.storage import StoredObject
 
 
 @dataclass(frozen=True)
@@ -64,9 +63,8 @@ class VideoFile:
 
 
 class VideoStore:
-    def __init__(self, db: Database, storage: Storage) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self.storage = storage
 
     async def by_uuid(self, video_uuid: str) -> Video | None:
         async with self.db.read() as conn:
@@ -98,13 +96,13 @@ class VideoStore:
         video_id: int,
         kind: str,
         name: str,
-        path: Path,
+        stored: StoredObject,
         *,
         resolution: int | None = None,
         fps: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Record a file already in place under storage (replaces a row of the same kind and name)."""
+        """Record a file already in storage (replaces a row of the same kind and name)."""
         async with self.db.write() as conn:
             await conn.execute(
                 delete(video_files).where(
@@ -116,10 +114,10 @@ class VideoStore:
                     video_id=video_id,
                     kind=kind,
                     name=name,
-                    path=self.storage.relative(path),
+                    path=stored.key,
                     resolution=resolution,
                     fps=fps,
-                    size_bytes=path.stat().st_size,
+                    size_bytes=stored.size_bytes,
                     extra=extra,
                     created_at=time.time(),
                 )

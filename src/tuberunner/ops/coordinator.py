@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -122,18 +120,7 @@ class CoordinatorOps:
         return "answers SELECT 1"
 
     async def _storage(self) -> str:
-        folder = self.coordinator.config.files_dir
-
-        def probe() -> None:
-            fd, path = tempfile.mkstemp(prefix=".readyz-", dir=folder)
-            try:
-                os.write(fd, b"ok")
-            finally:
-                os.close(fd)
-                os.unlink(path)
-
-        await asyncio.to_thread(probe)
-        return f"{folder} is writable"
+        return await self.coordinator.storage.check()
 
     async def _socket(self) -> str:
         sio = self.coordinator.notifier.sio

@@ -107,3 +107,12 @@ REQUIRED_SUCCESS_FILES: Final[dict[JobType, tuple[str, ...]]] = {
 # know it (the official runner) ignore it.
 AVAILABLE_JOBS_EVENT: Final = "available-jobs"
 JOBS_TAKEN_BACK_EVENT: Final = "tuberunner-jobs-taken-back"
+
+# Custom upload targets with a raw body (a Tuberunner extension of 8.x's `output.<field>CustomUpload`): a
+# runner that sends `FEATURES_HEADER: raw-upload` on its calls PUTs a result file itself as the body of a
+# target marked `body: raw` (a presigned object-storage URL). The official runner sends one multipart `file`
+# part to every target, which object storage would keep as is: a coordinator offers such targets only to
+# runners that announce the feature.
+FEATURES_HEADER: Final = "X-Tuberunner-Features"
+RAW_UPLOAD_FEATURE: Final = "raw-upload"
+RAW_UPLOAD_BODY: Final = "raw"
