@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
-from tuberunner.protocol.jobs import JobType
+from tuberunner.protocol.jobs import FEATURES_HEADER, RAW_UPLOAD_BODY, RAW_UPLOAD_FEATURE, JobType
 from tuberunner.runner.config import RunnerConfig
 from tuberunner.runner.errors import (
     JobFailed,
@@ -215,7 +215,7 @@ class InstanceClient:
             timeout=self.deadlines.timeout(),
             transport=transport,
             follow_redirects=False,
-            headers={"User-Agent": user_agent},
+            headers={"User-Agent": user_agent, FEATURES_HEADER: RAW_UPLOAD_FEATURE},
         )
 
     async def aclose(self) -> None:
@@ -246,6 +246,7 @@ class InstanceClient:
         context: str,
         json_body: Mapping[str, Any] | None = None,
         multipart: MultipartBody | None = None,
+        raw_file: _FilePart | None = None,
         phases: httpx.Timeout | None = None,
         whole_call_s: float | None = None,
     ) -> httpx.Response:
@@ -256,6 +257,9 @@ class InstanceClient:
         if multipart is not None:
             kwargs["content"] = multipart.stream()
             kwargs["headers"] = multipart.headers
+        if raw_file is not None:
+            kwargs["content"] = _read_file(raw_file)
+            kwargs["headers"] = {"Content-Type": raw_file.content_type, "Content-Length": str(raw_file.size)}
         if phases is not None:
             kwargs["timeout"] = phases
         with self._deadline(context, whole_call_s):
@@ -415,8 +419,7 @@ class InstanceClient:
             if target is None:
                 files.append(part)
                 continue
-            url, method = target
-            await self._custom_upload(job, field_name, url, method, part)
+            await self._custom_upload(job, field_name, target, part)
         fields = [("runnerToken", self.runner_token), ("jobToken", job.job_token)]
         fields += [(f"payload[{name}]", value) for name, value in output.fields.items()]
         await self._call(
@@ -428,15 +431,18 @@ class InstanceClient:
         )
 
     async def _custom_upload(
-        self, job: AcceptedJob, field_name: str, url: str, method: str, part: _FilePart
+        self, job: AcceptedJob, field_name: str, target: _UploadTarget, part: _FilePart
     ) -> None:
+        """The official runner's way (one multipart `file` part), or the file itself as the body when the
+        target says `body: raw` (a presigned object-storage URL, which would store a multipart body as is)."""
+        context = f"upload {field_name} of job {job.uuid} to {_short_url(target.url)}"
+        phases = self._transfer_timeout(read_s=self.success_timeout_s)
+        if target.raw:
+            await self._call(target.method, target.url, raw_file=part, phases=phases, context=context)
+            return
         upload = _FilePart("file", part.filename, part.content_type, part.path, part.size)
         await self._call(
-            method,
-            url,
-            multipart=MultipartBody([], [upload]),
-            phases=self._transfer_timeout(read_s=self.success_timeout_s),
-            context=f"upload {field_name} of job {job.uuid} to {_short_url(url)}",
+            target.method, target.url, multipart=MultipartBody([], [upload]), phases=phases, context=context
         )
 
     def _transfer_timeout(self, *, read_s: float | None = None) -> httpx.Timeout:
@@ -480,18 +486,27 @@ def client_for(url: str, runner_token: str, config: RunnerConfig) -> InstanceCli
     )
 
 
-def _custom_upload_targets(payload: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """`output.<field>CustomUpload = {url, method}` entries of an 8.x payload: field → (url, method)."""
+@dataclass(frozen=True)
+class _UploadTarget:
+    url: str
+    method: str
+    # The file itself as the body, not a multipart form (a Tuberunner coordinator's presigned URLs).
+    raw: bool
+
+
+def _custom_upload_targets(payload: Mapping[str, Any]) -> dict[str, _UploadTarget]:
+    """`output.<field>CustomUpload = {url, method[, body]}` entries of an 8.x payload, by field."""
     output = payload.get("output")
     if not isinstance(output, dict):
         return {}
-    targets: dict[str, tuple[str, str]] = {}
+    targets: dict[str, _UploadTarget] = {}
     for key, value in output.items():
         if not key.endswith("CustomUpload") or not isinstance(value, dict):
             continue
         url, method = value.get("url"), str(value.get("method") or "PUT").upper()
         if isinstance(url, str) and url.startswith(("http://", "https://")) and method in ("PUT", "POST"):
-            targets[key.removesuffix("CustomUpload")] = (url, method)
+            raw = value.get("body") == RAW_UPLOAD_BODY
+            targets[key.removesuffix("CustomUpload")] = _UploadTarget(url, method, raw)
         else:
             log.warning("ignoring malformed custom upload target %s: %.200r", key, value)
     return targets
