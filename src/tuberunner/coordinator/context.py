@@ -15,6 +15,7 @@ from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.database import Database
 from tuberunner.coordinator.jobs import JobService, run_forever
 from tuberunner.coordinator.notifier import Notifier
+from tuberunner.coordinator.reaper_lock import ReaperLock
 from tuberunner.coordinator.runners import RunnerRegistry
 from tuberunner.coordinator.storage import Storage, open_storage
 from tuberunner.coordinator.videos import VideoStore
@@ -47,6 +48,7 @@ class Coordinator:
         if self.bus is not None:
             self.jobs.on_change = self.bus.jobs_changed
         self.admin = AdminAuth(self.db, config.admin_token)
+        self.reaper_lock = ReaperLock(self.db)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _ping(self) -> None:
@@ -77,7 +79,7 @@ class Coordinator:
                 log.warning("redoing %d completion(s) interrupted by the last stop", recovered)
         self._tasks = [
             asyncio.create_task(
-                run_forever(self.config.reaper_interval_s, self.jobs.reap_expired, "lease reaper"),
+                run_forever(self.config.reaper_interval_s, self._reap, "lease reaper"),
                 name="lease-reaper",
             ),
             asyncio.create_task(
@@ -95,6 +97,12 @@ class Coordinator:
                 ),
             ]
 
+    async def _reap(self) -> int:
+        """Only the process holding the reaper lock reaps (PostgreSQL: one of them; SQLite: this one)."""
+        if not await self.reaper_lock.hold():
+            return 0
+        return await self.jobs.reap_expired()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -102,6 +110,7 @@ class Coordinator:
             with suppress(asyncio.CancelledError):
                 await task
         await self.jobs.cancel_completions()
+        await self.reaper_lock.release()
         with suppress(Exception):
             await self.runners.flush_contacts()
         await self.notifier.close()
