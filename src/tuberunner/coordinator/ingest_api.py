@@ -668,6 +668,7 @@ async def _output_response(c: Coordinator, key: str, range_header: str | None) -
     if c.config.serve_outputs == "redirect" and not key.endswith(".m3u8"):
         url = await c.storage.presigned_get(key, expires_s=c.config.presigned_get_s)
         if url is not None:
+            await c.storage.stat(key)  # a missing file is our 404 problem, naming it
             return redirect_response(url)
     return await stored_file_response(c.storage, key, range_header)
 

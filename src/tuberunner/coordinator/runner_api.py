@@ -411,7 +411,9 @@ async def download(request: Request) -> Response:
         file = await c.videos.input_file(video.id, which)
     if file is None:
         raise NotFound(Message.VIDEO_NOT_FOUND)
-    # With object storage: 302 to a presigned GET (the runner follows with a GET, Range kept).
+    # With object storage: 302 to a presigned GET (the runner follows with a GET, Range kept), once the
+    # file is known to be there (else a 404 problem naming it, not the bucket's own answer).
+    await c.storage.stat(file.path)
     url = await c.storage.presigned_get(file.path, expires_s=c.config.presigned_get_s)
     if url is not None:
         return redirect_response(url)
