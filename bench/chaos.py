@@ -34,7 +34,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 from chaos_cluster import Cluster, RunnerSettings, SetupError, Snapshot  # noqa: E402
-from chaos_faults import FAULT_KINDS, ChaosLimits, Faults, parse_menu  # noqa: E402
+from chaos_faults import FAULT_KINDS, SHARED_FAULT_KINDS, ChaosLimits, Faults, parse_menu  # noqa: E402
 from chaos_report import RunFacts, Submission, check_invariants, fault_stats, print_report  # noqa: E402
 from tuberunner.coordinator import ingest_client  # noqa: E402
 from tuberunner.media.binaries import find_ffmpeg  # noqa: E402
@@ -88,14 +88,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=_seconds, default=600.0, help="seconds of fault injection (600)")
     parser.add_argument("--runners", type=int, default=4, help="runner daemons, K (4)")
+    parser.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        help="coordinator processes (1: SQLite and a local folder; 2 or more: the scale-out set-up on "
+        "PostgreSQL, Redis and moto's S3 server, with their faults added to the default menu)",
+    )
     parser.add_argument("--videos", type=int, default=20, help="videos submitted, M (20)")
     parser.add_argument("--seed", type=int, default=None, help="RNG seed (default: a random one, printed)")
     parser.add_argument(
         "--faults",
         type=_menu,
-        default=FAULT_KINDS,
-        help="fault menu: 'all' or a comma list of " + ", ".join(FAULT_KINDS) + ", or the groups "
-        "'partition' and 'job' (default: all)",
+        default=None,
+        help="fault menu: 'all' or a comma list of "
+        + ", ".join(FAULT_KINDS + SHARED_FAULT_KINDS)
+        + ", or the groups 'partition', 'job', 'shared' and 'scale-out' (default: all, and the shared "
+        "services' faults with several coordinators)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the whole report as JSON here")
     parser.add_argument(
@@ -120,8 +129,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep everything here (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder even when all is well")
     args = parser.parse_args(argv)
-    if args.runners < 1 or args.videos < 1 or args.concurrency < 1 or args.max_concurrent < 1:
-        parser.error("--runners, --videos, --concurrency and --max-concurrent must be at least 1")
+    if min(args.runners, args.videos, args.concurrency, args.max_concurrent, args.coordinators) < 1:
+        parser.error("--runners, --videos, --concurrency, --max-concurrent, --coordinators: at least 1")
+    if args.faults is None:
+        args.faults = FAULT_KINDS + (SHARED_FAULT_KINDS if args.coordinators > 1 else ())
     if not 0 < args.submit_window <= 1:
         parser.error("--submit-window is a share of the run, in (0, 1]")
     return args
@@ -178,7 +189,7 @@ async def submit_videos(run: Run, cluster: Cluster, clips: list[Path], deadline:
     moments = sorted(rng.uniform(0, window_s) for _ in range(run.args.videos))
     moments[0] = 0.0  # work from the start
     resolutions = [int(r) for r in run.args.resolutions.split(",") if r.strip()]
-    token = cluster.coordinator.admin_token
+    token = cluster.admin_token
     submissions: list[Submission] = []
     start = time.monotonic()
     for index, moment in enumerate(moments, 1):
@@ -194,7 +205,7 @@ async def submit_videos(run: Run, cluster: Cluster, clips: list[Path], deadline:
             try:
                 video = await asyncio.to_thread(
                     ingest_client.submit,
-                    cluster.coordinator.url,
+                    cluster.url,
                     token,
                     clip,
                     name=sub.name,
@@ -298,6 +309,7 @@ async def chaos(run: Run, argv: list[str]) -> int:
         admin_token="tra-chaos-" + secrets.token_hex(16),
         settings=settings,
         tmpfs_mb=args.tmpfs_mb,
+        coordinators=args.coordinators,
     )
     limits = ChaosLimits(lease_s=args.lease, stall_s=args.stall, recovery_limit_s=args.recovery_limit)
     facts = RunFacts(seed=run.seed, root=run.root, limits=limits, menu=args.faults)

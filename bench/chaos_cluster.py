@@ -1,16 +1,24 @@
-"""The system under chaos: a coordinator process, K runner daemons, a TCP proxy and a tmpfs per runner, the
-admin API client, and the monitor that everything else waits on.
+"""The system under chaos: a coordinator process (or N of them: the scale-out set-up), K runner daemons, a TCP
+proxy and a tmpfs per runner, the admin API client, and the monitor that everything else waits on.
 
     root/
         coordinator/                 `coordinator serve --data-dir` (SQLite, files, uploads)
         coordinator-<n>.log          one log per incarnation (n = 1, 2, ... after each SIGKILL and restart)
+        coordinator-<c>/             with N coordinators: the data folder of coordinator c (uploads, spool)
+        coordinator-<c>-<n>.log      and its log per incarnation
+        moto.log                     with N coordinators: the S3 server's log
         runner-<i>/config/           XDG_CONFIG_HOME of runner i (its config.toml with its registration)
         runner-<i>/cache/            XDG_CACHE_HOME of runner i: a small tmpfs when we may mount one
         runner-<i>/daemon.log        every incarnation of runner i, appended
 
 Every runner reaches the coordinator through its own `ChaosProxy` (registered with the proxy's URL), so one
-runner can be partitioned while the others work. Child processes run in sessions of their own: a Ctrl-C in
-the terminal reaches only this script, which stops them in order.
+runner can be partitioned while the others work. With N coordinators (`SharedServices`: a PostgreSQL database
+made for the run, Redis, moto's S3 server, the last two behind proxies of their own), runner i's proxy
+forwards to coordinator i mod N and, when that one refuses connections (killed), to the next: the failover
+an L4 load balancer does. The admin client and the uploads go through a front proxy over all of them.
+
+Child processes run in sessions of their own: a Ctrl-C in the terminal reaches only this script, which
+stops them in order.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from tests.support.tcp_proxy import Direction, Plan, TcpProxy
 
@@ -60,6 +69,7 @@ __all__ = [
     "RunnerNode",
     "RunnerSettings",
     "SetupError",
+    "SharedServices",
     "Snapshot",
     "ffmpeg_processes",
     "free_port",
@@ -378,11 +388,21 @@ def ffmpeg_processes() -> list[FfmpegProcess]:
 
 
 class CoordinatorNode:
-    def __init__(self, root: Path, *, lease_s: float, admin_token: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        lease_s: float,
+        admin_token: str,
+        name: str = "coordinator",
+        shared: SharedServices | None = None,
+    ) -> None:
         self.root = root
-        self.data_dir = root / "coordinator"
+        self.name = name
+        self.data_dir = root / name
         self.lease_s = lease_s
         self.admin_token = admin_token
+        self.shared = shared
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.incarnation = 0
@@ -390,7 +410,7 @@ class CoordinatorNode:
 
     @property
     def log_paths(self) -> list[Path]:
-        return [self.root / f"coordinator-{n}.log" for n in range(1, self.incarnation + 1)]
+        return [self.root / f"{self.name}-{n}.log" for n in range(1, self.incarnation + 1)]
 
     @property
     def alive(self) -> bool:
@@ -411,8 +431,11 @@ class CoordinatorNode:
             "--lease",
             f"{self.lease_s:g}",
         ]
-        env = python_env({"TUBERUNNER_ADMIN_TOKEN": self.admin_token})
-        self.child = Child("coordinator", args, env, self.log_paths[-1])
+        extra_env: dict[str, str] = {"TUBERUNNER_ADMIN_TOKEN": self.admin_token}
+        if self.shared is not None:
+            args += self.shared.coordinator_args()
+            extra_env.update(self.shared.coordinator_env())
+        self.child = Child(self.name, args, python_env(extra_env), self.log_paths[-1])
         await self.child.start()
         await self.wait_ready(timeout_s)
 
@@ -479,7 +502,9 @@ class RunnerSettings:
 
 
 class RunnerNode:
-    def __init__(self, root: Path, index: int, settings: RunnerSettings, coordinator_port: int) -> None:
+    def __init__(
+        self, root: Path, index: int, settings: RunnerSettings, coordinator_ports: list[int]
+    ) -> None:
         self.index = index
         self.runner_id = f"r{index}"
         self.name = f"chaos-runner-{index}"
@@ -496,7 +521,9 @@ class RunnerNode:
             }
         )
         self.paths: RunnerPaths = runner_paths(self.runner_id, env=self.env)
-        self.proxy = ChaosProxy("127.0.0.1", coordinator_port)
+        # Its coordinator first, the others when that one refuses connections.
+        home, *others = coordinator_ports
+        self.proxy = ChaosProxy("127.0.0.1", home, fallbacks=[("127.0.0.1", p) for p in others])
         self.tmpfs: bool = False
         self.tmpfs_problem: str | None = None
         self.child: Child | None = None
@@ -694,6 +721,109 @@ class Monitor:
 # ------------------------------------------------------------------------------------------ cluster
 
 
+class SharedServices:
+    """What N coordinator processes share: a PostgreSQL database made for the run (dropped at the end),
+    Redis (the machine's, at 127.0.0.1:6379) and moto's S3 server (a child process), the last two behind
+    `ChaosProxy`s so that faults can make them unreachable. PostgreSQL faults kill its connections
+    (`pg_terminate_backend`), which is what a server restart or a failover does to them."""
+
+    PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+    REDIS_PORT = 6379
+    BUCKET = "tuberunner-chaos"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.database = f"tuberunner_chaos_{os.getpid()}_{int(time.time())}"
+        self.s3_port = free_port()
+        self.moto: Child | None = None
+        self.s3_proxy = ChaosProxy("127.0.0.1", self.s3_port)
+        self.redis_proxy = ChaosProxy("127.0.0.1", self.REDIS_PORT)
+        self._created = False
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{self.database}"
+
+    def coordinator_args(self) -> list[str]:
+        return [
+            "--database-url",
+            self.database_url,
+            "--redis-url",
+            f"redis://127.0.0.1:{self.redis_proxy.port}/0",
+            "--storage",
+            f"s3://{self.BUCKET}/farm",
+        ]
+
+    def coordinator_env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.s3_proxy.url,
+            "AWS_ACCESS_KEY_ID": "chaos",
+            "AWS_SECRET_ACCESS_KEY": "chaos",
+            "AWS_REGION": "us-east-1",
+        }
+
+    async def start(self) -> None:
+        try:
+            admin = await asyncpg.connect(self.PG_ADMIN, timeout=5)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise SetupError(
+                f"PostgreSQL at 127.0.0.1:5432 is needed for several coordinators: {exc}"
+            ) from exc
+        try:
+            await admin.execute(f'CREATE DATABASE "{self.database}"')
+            self._created = True
+        finally:
+            await admin.close()
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.REDIS_PORT)
+            writer.close()
+        except OSError as exc:
+            raise SetupError(
+                f"Redis at 127.0.0.1:{self.REDIS_PORT} is needed for several coordinators"
+            ) from exc
+        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)]
+        self.moto = Child("s3", args, python_env(), self.root / "moto.log")
+        await self.moto.start()
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(timeout=2) as http:
+            while True:
+                try:
+                    (await http.put(f"http://127.0.0.1:{self.s3_port}/{self.BUCKET}")).raise_for_status()
+                    break
+                except httpx.HTTPError as exc:
+                    if time.monotonic() > deadline or not self.moto.alive:
+                        raise SetupError(f"moto's S3 server did not start: {exc}") from exc
+                    await asyncio.sleep(0.1)  # polling an external process, with a deadline
+        await self.s3_proxy.start()
+        await self.redis_proxy.start()
+
+    async def kill_database_connections(self) -> int:
+        admin = await asyncpg.connect(self.PG_ADMIN, timeout=5)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                self.database,
+            )
+        finally:
+            await admin.close()
+        return int(killed or 0)
+
+    async def stop(self) -> None:
+        for proxy in (self.s3_proxy, self.redis_proxy):
+            with contextlib.suppress(Exception):
+                await proxy.close()
+        if self.moto is not None:
+            await self.moto.stop(10)
+        if self._created:
+            with contextlib.suppress(Exception):
+                admin = await asyncpg.connect(self.PG_ADMIN, timeout=5)
+                try:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+                finally:
+                    await admin.close()
+
+
 class Cluster:
     """Everything started for a run, and the one place that stops it all again."""
 
@@ -706,21 +836,56 @@ class Cluster:
         admin_token: str,
         settings: RunnerSettings,
         tmpfs_mb: int,
+        coordinators: int = 1,
     ) -> None:
         self.root = root
-        self.coordinator = CoordinatorNode(root, lease_s=lease_s, admin_token=admin_token)
-        self.admin = Admin(self.coordinator.url, admin_token)
-        self.runners = [RunnerNode(root, i, settings, self.coordinator.port) for i in range(1, runners + 1)]
+        self.admin_token = admin_token
+        self.shared = SharedServices(root) if coordinators > 1 else None
+        self.coordinators = [
+            CoordinatorNode(root, lease_s=lease_s, admin_token=admin_token)
+            if coordinators == 1
+            else CoordinatorNode(
+                root, lease_s=lease_s, admin_token=admin_token, name=f"coordinator-{c}", shared=self.shared
+            )
+            for c in range(1, coordinators + 1)
+        ]
+        ports = [node.port for node in self.coordinators]
+        # Uploads and the admin API: one coordinator, or any live one through the front proxy.
+        self.front = (
+            TcpProxy("127.0.0.1", ports[0], fallbacks=[("127.0.0.1", p) for p in ports[1:]])
+            if coordinators > 1
+            else None
+        )
+        self.url = self.coordinators[0].url
+        self.admin = Admin(self.url, admin_token)
+        self.runners = [
+            RunnerNode(root, i, settings, ports[(i - 1) % len(ports) :] + ports[: (i - 1) % len(ports)])
+            for i in range(1, runners + 1)
+        ]
         self.tmpfs_mb = tmpfs_mb
         self.monitor = Monitor(self)
         self._monitor_task: asyncio.Task[None] | None = None
+
+    @property
+    def coordinator_logs(self) -> list[Path]:
+        return [path for node in self.coordinators for path in node.log_paths]
 
     def runner(self, name: str) -> RunnerNode:
         return next(r for r in self.runners if r.name == name)
 
     async def start(self, say: Callable[[str], None]) -> None:
-        await self.coordinator.start()
-        say(f"coordinator up at {self.coordinator.url} (lease {self.coordinator.lease_s:g} s)")
+        if self.shared is not None:
+            await self.shared.start()
+            say(f"PostgreSQL database {self.shared.database}, Redis and moto's S3 server ready")
+        for node in self.coordinators:  # one after the other: the first one creates the schema
+            await node.start()
+            say(f"{node.name} up at {node.url} (lease {node.lease_s:g} s)")
+        if self.front is not None:
+            await self.front.start()
+            self.url = self.front.url
+            await self.admin.aclose()
+            self.admin = Admin(self.url, self.admin_token)
+            say(f"{len(self.coordinators)} coordinators behind {self.url}")
 
         async def set_up(node: RunnerNode) -> None:
             node.tmpfs_problem = await asyncio.to_thread(mount_tmpfs, node.cache_home, self.tmpfs_mb)
@@ -750,7 +915,12 @@ class Cluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGCONT)
         await asyncio.gather(*(n.stop() for n in self.runners), return_exceptions=True)
-        await self.coordinator.stop()
+        await asyncio.gather(*(n.stop() for n in self.coordinators), return_exceptions=True)
+        if self.front is not None:
+            with contextlib.suppress(Exception):
+                await self.front.close()
+        if self.shared is not None:
+            await self.shared.stop()
         for node in self.runners:
             with contextlib.suppress(Exception):
                 await node.proxy.close()

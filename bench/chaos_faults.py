@@ -50,6 +50,7 @@ from chaos_cluster import (
 
 __all__ = [
     "FAULT_KINDS",
+    "SHARED_FAULT_KINDS",
     "ChaosLimits",
     "FaultRecord",
     "Faults",
@@ -70,10 +71,14 @@ FAULT_KINDS: tuple[str, ...] = (
     "disk-full",
     "registration-delete",
 )
+# What only the scale-out set-up (several coordinators) has to lose.
+SHARED_FAULT_KINDS: tuple[str, ...] = ("postgres-kill", "redis-down", "storage-down")
 _GROUPS = {
     "all": FAULT_KINDS,
     "partition": tuple(k for k in FAULT_KINDS if k.startswith("partition-")),
     "job": ("job-cancel", "job-delete"),
+    "shared": SHARED_FAULT_KINDS,
+    "scale-out": FAULT_KINDS + SHARED_FAULT_KINDS,
 }
 
 # How late the watchdog may kill a SIGSTOPped ffmpeg after the stall limit (its checks run every second at
@@ -89,9 +94,9 @@ def parse_menu(text: str) -> tuple[str, ...]:
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        kinds = _GROUPS.get(part, (part,) if part in FAULT_KINDS else None)
+        kinds = _GROUPS.get(part, (part,) if part in FAULT_KINDS + SHARED_FAULT_KINDS else None)
         if kinds is None:
-            known = ", ".join([*_GROUPS, *FAULT_KINDS])
+            known = ", ".join([*_GROUPS, *FAULT_KINDS, *SHARED_FAULT_KINDS])
             raise ValueError(f"unknown fault {part!r} (known: {known})")
         chosen.extend(k for k in kinds if k not in chosen)
     if not chosen:
@@ -201,6 +206,9 @@ class Faults:
             "ffmpeg-stop": self._ffmpeg_stop,
             "disk-full": self._disk_full,
             "registration-delete": self._registration_delete,
+            "postgres-kill": self._shared_service,
+            "redis-down": self._shared_service,
+            "storage-down": self._shared_service,
         }
 
     def now(self) -> float:
@@ -339,19 +347,27 @@ class Faults:
         return [self._serving(node, since), self._moving(record.affected_jobs, since)]
 
     async def _coordinator_kill(self, rng: random.Random, record: FaultRecord) -> list[Condition]:
-        await self._claim(rng, record, "coordinator", lambda: ["coordinator"], wait_s=20.0)
+        """SIGKILL one coordinator process (the only one, or one of N: its runners' proxies then move
+        them to another), keep it down a while, start it again on the same port and data folder."""
+        nodes = {node.name: node for node in self.cluster.coordinators}
+        name = await self._claim(rng, record, "coordinator", lambda: sorted(nodes), wait_s=20.0)
+        node = nodes[name]
         if rng.random() < self.limits.busy_share:  # most of the time, while some job is processing
             await self.cluster.monitor.until(lambda s: bool(s.processing), self.limits.busy_wait_s)
         down_s = rng.uniform(0.5, 1.5 * self.limits.lease_s)
-        record.target = "coordinator"
+        record.target = name
         record.variant = f"down {down_s:.1f} s"
         record.affected_jobs = sorted(self.cluster.monitor.latest.processing)
         self._inject(record)
-        await self.cluster.coordinator.kill()
+        await node.kill()
         await asyncio.sleep(down_s)  # the fault's duration
         since = self._heal(record)
-        await self.cluster.coordinator.start()
-        record.note = f"restarted (incarnation {self.cluster.coordinator.incarnation})"
+        await node.start()
+        record.note = f"restarted (incarnation {node.incarnation})"
+        return [self._runners_in_contact(since), self._moving(record.affected_jobs, since)]
+
+    def _runners_in_contact(self, since: float) -> Condition:
+        """Every live runner has been in contact with a coordinator since `since`."""
         alive = [n for n in self.cluster.runners if n.alive]
 
         def runners_back(s: Snapshot) -> bool:
@@ -365,7 +381,39 @@ class Faults:
                 if n.alive
             )
 
-        return [runners_back, self._moving(record.affected_jobs, since)]
+        return runners_back
+
+    # ------------------------------------------------------------------ shared services (scale-out)
+
+    async def _shared_service(self, rng: random.Random, record: FaultRecord) -> list[Condition]:
+        """`postgres-kill`: every connection of the coordinators to their database is terminated
+        (`pg_terminate_backend`, what a PostgreSQL restart or failover does to them); `redis-down` and
+        `storage-down`: Redis or the S3 server unreachable (every connection reset) for 2-8 s."""
+        shared = self.cluster.shared
+        if shared is None:
+            raise Skip("only the scale-out set-up (--coordinators 2 or more) has shared services")
+        await self._claim(rng, record, record.kind, lambda: [record.kind], wait_s=20.0)
+        if rng.random() < self.limits.busy_share:
+            await self.cluster.monitor.until(lambda s: bool(s.processing), self.limits.busy_wait_s)
+        record.target = {"postgres-kill": "PostgreSQL", "redis-down": "Redis", "storage-down": "S3"}[
+            record.kind
+        ]
+        record.affected_jobs = sorted(self.cluster.monitor.latest.processing)
+        self._inject(record)
+        if record.kind == "postgres-kill":
+            killed = await shared.kill_database_connections()
+            record.variant = f"{killed} connection(s) terminated"
+        else:
+            proxy = shared.redis_proxy if record.kind == "redis-down" else shared.s3_proxy
+            hold_s = rng.uniform(2.0, 8.0)
+            record.variant = f"unreachable {hold_s:.1f} s"
+            proxy.resets([])
+            try:
+                await asyncio.sleep(hold_s)  # the fault's duration
+            finally:
+                proxy.heal()
+        since = self._heal(record)
+        return [self._runners_in_contact(since), self._moving(record.affected_jobs, since)]
 
     # ------------------------------------------------------------------ network
 

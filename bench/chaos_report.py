@@ -98,7 +98,11 @@ class RunFacts:
             for p in ffmpeg_processes()
             if p.cwd is not None and p.cwd.is_relative_to(self.root)
         ]
-        children = [cluster.coordinator.child, *(n.child for n in cluster.runners)]
+        children = [
+            *(c.child for c in cluster.coordinators),
+            *(n.child for n in cluster.runners),
+            cluster.shared.moto if cluster.shared is not None else None,
+        ]
         problems += [f"{c.name} (pid {c.pid}) still runs" for c in children if c is not None and c.alive]
         try:
             mounts = Path("/proc/mounts").read_text().splitlines()
@@ -229,7 +233,7 @@ async def check_invariants(cluster: Cluster, facts: RunFacts) -> None:
 
     # -- duplicates
     duplicates, redone = _duplicate_completions(cluster)
-    interrupted = _count_in_logs(cluster.coordinator.log_paths, _REDOING)
+    interrupted = _count_in_logs(cluster.coordinator_logs, _REDOING)
     if interrupted:
         facts.notes.append(
             f"{interrupted} completion(s) interrupted by a coordinator SIGKILL were redone at its restart"
@@ -402,7 +406,7 @@ def _duplicate_completions(cluster: Cluster) -> tuple[list[str], list[str]]:
     (a job completed twice in one) and the runners' logs (two runs of one job that both succeeded)."""
     duplicates: list[str] = []
     incarnations: dict[str, list[int]] = defaultdict(list)
-    for number, path in enumerate(cluster.coordinator.log_paths, 1):
+    for number, path in enumerate(cluster.coordinator_logs, 1):
         text = path.read_text(errors="replace") if path.exists() else ""
         for job_uuid, n in Counter(_COORDINATOR_COMPLETED.findall(text)).items():
             incarnations[job_uuid].append(number)
@@ -485,19 +489,19 @@ def _temp_files(cluster: Cluster) -> list[str]:
             left += [f"{node.name}: {p}" for p in sorted(node.paths.cache_dir.rglob("*.part"))]
         if node.filler.exists():
             left.append(f"{node.name}: {node.filler}")
-    data = cluster.coordinator.data_dir
-    uploads = data / "uploads"
-    if uploads.exists():
-        left += [f"coordinator upload: {p}" for p in sorted(uploads.iterdir())]
-    results = data / "files" / "results"
-    if results.exists():
-        left += [f"coordinator result: {p}" for p in sorted(results.rglob("*")) if p.is_file()]
+    for node in cluster.coordinators:
+        uploads = node.data_dir / "uploads"
+        if uploads.exists():
+            left += [f"{node.name} upload: {p}" for p in sorted(uploads.iterdir())]
+        results = node.data_dir / "files" / "results"
+        if results.exists():
+            left += [f"{node.name} result: {p}" for p in sorted(results.rglob("*")) if p.is_file()]
     return left
 
 
 def _tracebacks(cluster: Cluster) -> list[str]:
     found = []
-    for path in [*cluster.coordinator.log_paths, *(n.log_path for n in cluster.runners)]:
+    for path in [*cluster.coordinator_logs, *(n.log_path for n in cluster.runners)]:
         if path.exists():
             n = path.read_text(errors="replace").count(_TRACEBACK)
             if n:
@@ -517,7 +521,7 @@ def _asyncio_errors(cluster: Cluster) -> list[str]:
     """`ERROR asyncio: ...` lines (an unclosed aiohttp session, a task destroyed while pending, an
     exception never retrieved): resources or errors a process lost track of."""
     found: Counter[str] = Counter()
-    for path in [*cluster.coordinator.log_paths, *(n.log_path for n in cluster.runners)]:
+    for path in [*cluster.coordinator_logs, *(n.log_path for n in cluster.runners)]:
         if path.exists():
             for message in _ASYNCIO_ERROR.findall(path.read_text(errors="replace")):
                 found[f"{message.strip()} ({path.relative_to(cluster.root)})"] += 1
@@ -588,7 +592,8 @@ async def _check_outputs(cluster: Cluster, videos: list[dict[str, Any]], root: P
         problems += missing
     gate = asyncio.Semaphore(2)  # two probes at once: the machine is shared
     with tempfile.TemporaryDirectory(dir=root) as folder:
-        async with httpx.AsyncClient(timeout=30) as http:
+        # Outputs in object storage are redirects to presigned URLs, followed as a player would.
+        async with httpx.AsyncClient(timeout=30, follow_redirects=True) as http:
 
             async def check(index: int, output: _Output) -> None:
                 async with gate:

@@ -10,6 +10,7 @@ next connections (`plan_next`), else the proxy's `default` plan:
         proxy.plan_next(Plan.close_after(1_000), count=2)       # then two connections: FIN after 1 kB
         proxy.default = Plan.forward(rate_bytes_per_s=1e6)      # every other one: throttled to ~1 MB/s
         proxy.default = Plan.blackhole()                        # new connections: accepted, never answered
+        TcpProxy(host, port, fallbacks=[(host, port2)])         # upstream refuses: the next one is tried
         proxy.reset_all()                                       # RST every open connection now
         proxy.stats.connections, proxy.stats.bytes_down         # what went through
 
@@ -41,6 +42,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -148,9 +150,18 @@ def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
 class TcpProxy:
     """Listens on 127.0.0.1:<free port> and forwards to `upstream_host:upstream_port` (see module doc)."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, default: Plan | None = None) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        default: Plan | None = None,
+        fallbacks: Sequence[tuple[str, int]] = (),
+    ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
+        # Tried in order when the upstream refuses a connection (a load balancer's failover, crudely).
+        self.fallbacks = tuple(fallbacks)
         self.default = default or Plan.forward()
         self.stats = ProxyStats()
         self._queued: deque[Plan] = deque()
@@ -236,14 +247,18 @@ class TcpProxy:
             self._act(conn)
             await conn.ended.wait()
             return
-        try:
-            upstream_reader, conn.upstream = await asyncio.open_connection(
-                self.upstream_host, self.upstream_port
-            )
-        except OSError:
+        opened = None
+        for host, port in ((self.upstream_host, self.upstream_port), *self.fallbacks):
+            try:
+                opened = await asyncio.open_connection(host, port)
+                break
+            except OSError:
+                continue
+        if opened is None:
             # Upstream down: the client sees what it would see from a dead server behind a proxy.
             conn.reset()
             return
+        upstream_reader, conn.upstream = opened
         up = self._pump(conn, client_reader, conn.upstream, Direction.UP)
         down = self._pump(conn, upstream_reader, conn.client, Direction.DOWN)
         pumps = asyncio.gather(up, down, return_exceptions=True)
