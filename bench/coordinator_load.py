@@ -1,11 +1,15 @@
 """Coordinator load benchmark: simulated runners (protocol only, no ffmpeg) against a running coordinator.
 
-    python bench/coordinator_load.py [--runners 50] [--duration 10] [--database sqlite|postgres|both]
-                                     [--jobs 500] [--quick] [--json PATH] [--profile DIR] [--pin]
+    python bench/coordinator_load.py [--runners 50] [--duration 10] [--jobs 500] [--quick] [--json PATH]
+                                     [--database sqlite|postgres|postgres-x2|both|scale-out|all]
+                                     [--profile DIR] [--pin]
 
-For each database the script seeds pending jobs with the coordinator's own code (before the coordinator
+For each set-up the script seeds pending jobs with the coordinator's own code (before the coordinator
 starts), starts `tuberunner coordinator serve` as a separate process on loopback, registers the runners
-through the HTTP API, then runs:
+through the HTTP API, then runs the phases below. `postgres-x2` is the scale-out set-up: two coordinator
+processes on one PostgreSQL database and the Redis at 127.0.0.1:6379, runners alternating between them
+(accept races cross processes; in phase C the ping crosses Redis: the holder is on one process, the idle
+runner's socket on the other). `scale-out` runs `sqlite` and `postgres-x2` in the same run.
 
 * phase A (hot path): every runner loops `POST jobs/request`;
 * phase B (writes): every runner loops request → accept a random offered job → update ×3 → abort. A 409 on
@@ -127,9 +131,10 @@ class SetupError(Exception):
 class CoordinatorProcess:
     """`python -m tuberunner coordinator serve` as a child process on loopback."""
 
-    def __init__(self, data_dir: Path, database_url: str | None) -> None:
+    def __init__(self, data_dir: Path, database_url: str | None, redis_url: str | None = None) -> None:
         self.data_dir = data_dir
         self.database_url = database_url
+        self.redis_url = redis_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "coordinator.log"
@@ -155,6 +160,8 @@ class CoordinatorProcess:
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
+        if self.redis_url:
+            args += ["--redis-url", self.redis_url]
         env = {**os.environ, "TUBERUNNER_ADMIN_TOKEN": ADMIN_TOKEN}
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
@@ -277,8 +284,9 @@ async def held_tokens_in_database(data_dir: Path, database_url: str | None) -> t
     return held, int(not_pending)
 
 
-async def register_runners(url_port: int, count: int) -> list[SimRunner]:
-    admin = HttpConnection("127.0.0.1", url_port)
+async def register_runners(ports: list[int], count: int) -> list[SimRunner]:
+    """`count` runners, registered on the first process, runner i calling process i mod len(ports)."""
+    admin = HttpConnection("127.0.0.1", ports[0])
     reply = await admin.get(
         f"{API}/registration-tokens", headers=[("Authorization", f"Bearer {ADMIN_TOKEN}")]
     )
@@ -294,7 +302,7 @@ async def register_runners(url_port: int, count: int) -> list[SimRunner]:
         )
         if reply.status != 200:
             raise SetupError(f"register {name}: {reply.status} {reply.body[:300]!r}")
-        conn = HttpConnection("127.0.0.1", url_port)
+        conn = HttpConnection("127.0.0.1", ports[index % len(ports)])
         runners.append(SimRunner(index, name, str(reply.json()["runnerToken"]), conn))
     await admin.close()
     return runners
@@ -668,28 +676,46 @@ async def wait_for_quiet_machine(max_wait_s: float) -> None:
             told = True
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def redis_reason_to_skip() -> str | None:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", 6379)
+    except OSError as exc:
+        return f"Redis at 127.0.0.1:6379 is not reachable ({exc})"
+    writer.close()
+    return None
+
+
 async def bench_database(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n== {kind} ==", flush=True)
     await wait_for_quiet_machine(args.wait_quiet)
     database_url: str | None = None
     pg_name: str | None = None
-    if kind == "postgres":
+    processes = 2 if kind == "postgres-x2" else 1
+    if kind.startswith("postgres"):
         reason = await postgres_reason_to_skip()
+        if reason is None and processes > 1:
+            reason = await redis_reason_to_skip()
         if reason:
             print(f"  skipped: {reason}")
             return {"skipped": reason}
         pg_name = f"tuberunner_bench_{secrets.token_hex(6)}"
         await pg_admin(f'CREATE DATABASE "{pg_name}"')
         database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{pg_name}"
-    data_dir = Path(tempfile.mkdtemp(prefix=f"tuberunner-bench-{kind}-"))
-    coordinator = CoordinatorProcess(data_dir, database_url)
+    data_dirs = [Path(tempfile.mkdtemp(prefix=f"tuberunner-bench-{kind}-")) for _ in range(processes)]
+    redis_url = REDIS_URL if processes > 1 else None
+    coordinators = [CoordinatorProcess(d, database_url, redis_url) for d in data_dirs]
     try:
-        return await _bench_running(kind, args, data_dir, database_url, coordinator)
+        return await _bench_running(kind, args, data_dirs[0], database_url, coordinators)
     finally:
-        await coordinator.stop()
+        for coordinator in coordinators:
+            await coordinator.stop()
         if pg_name:
             await pg_admin(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
-        shutil.rmtree(data_dir, ignore_errors=True)
+        for data_dir in data_dirs:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _bench_running(
@@ -697,23 +723,28 @@ async def _bench_running(
     args: argparse.Namespace,
     data_dir: Path,
     database_url: str | None,
-    coordinator: CoordinatorProcess,
+    coordinators: list[CoordinatorProcess],
 ) -> dict[str, Any]:
     started = time.perf_counter()
     await seed_jobs(data_dir, database_url, args.jobs)
     print(f"  seeded {args.jobs} pending jobs in {time.perf_counter() - started:.1f} s", flush=True)
-    await coordinator.start()
-    if args.pin:
+    for process in coordinators:  # one after the other: the first one migrates
+        await process.start()
+    coordinator = coordinators[0]
+    if args.pin and len(coordinators) == 1:
         os.sched_setaffinity(coordinator.pid, {0})
         os.sched_setaffinity(0, {1})
-    pid = coordinator.pid
-    meters: Meters = {"coordinator": lambda: [pid]}
-    if kind == "postgres":
+    pids = [process.pid for process in coordinators]
+    meters: Meters = {"coordinator": lambda: pids}
+    if kind.startswith("postgres"):
         meters["postgres"] = lambda: pids_named("postgres")
     profiler = Profiler(Path(args.profile) if args.profile else None)
-    runners = await register_runners(coordinator.port, args.runners + 2)
+    # Runner i calls process i mod N: with an even count, the holder (-2) and the idle runner (-1) of
+    # phase C are on different processes.
+    count = args.runners + 2 + (args.runners % 2 if len(coordinators) > 1 else 0)
+    runners = await register_runners([process.port for process in coordinators], count)
     load_runners, holder, idle = runners[: args.runners], runners[-2], runners[-1]
-    result: dict[str, Any] = {"runners": args.runners, "jobs": args.jobs}
+    result: dict[str, Any] = {"runners": args.runners, "jobs": args.jobs, "processes": len(coordinators)}
 
     # Phase A ------------------------------------------------------------------------------------
     await phase_requests(load_runners, args.warmup, meters)
@@ -774,10 +805,11 @@ async def _bench_running(
 
     if unanswered:
         print(f"    {unanswered} abort checks got no answer")
-    coordinator.check_alive()
+    for process in coordinators:
+        process.check_alive()
 
     # Phase C ------------------------------------------------------------------------------------
-    pickup = await phase_pickup(coordinator.url, holder, idle, args.pickup_rounds)
+    pickup = await phase_pickup(coordinators[-1].url, holder, idle, args.pickup_rounds)
     result["phase_c"] = pickup.summary()
     c = result["phase_c"]
     print(
@@ -786,10 +818,12 @@ async def _bench_running(
         f"(ping arrives after p50 {c['ping_p50_ms']:.1f} ms); misses {c['misses']}"
     )
 
-    coordinator.check_alive()
+    for process in coordinators:
+        process.check_alive()
     for runner in runners:
         await runner.conn.close()
-    await coordinator.stop()
+    for process in coordinators:
+        await process.stop()
     held, not_pending = await held_tokens_in_database(data_dir, database_url)
     lost_db = sum(1 for _, _, token in aborted if token in held)
     b["lost_aborts_db"] = lost_db
@@ -891,7 +925,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runners", type=int, default=50, help="simulated runners (default 50)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase (default 10)")
-    parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgres", "postgres-x2", "both", "scale-out", "all"],
+        default="both",
+        help="both: sqlite and postgres; scale-out: sqlite and postgres-x2 (two processes); all: the three",
+    )
     parser.add_argument("--jobs", type=int, default=500, help="pending jobs seeded (default 500)")
     parser.add_argument("--quick", action="store_true", help="3 s phases, short warm-up, 10 pickup rounds")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
@@ -927,7 +966,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+    kinds = {
+        "both": ["sqlite", "postgres"],
+        "scale-out": ["sqlite", "postgres-x2"],
+        "all": ["sqlite", "postgres", "postgres-x2"],
+    }.get(args.database, [args.database])
     print(
         f"Tuberunner coordinator load: {args.runners} runners, {args.duration:g} s phases, {args.jobs} jobs, "
         f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs{', pinned' if args.pin else ''}"
