@@ -212,7 +212,9 @@ async def submit_videos(run: Run, cluster: Cluster, clips: list[Path], deadline:
                     resolutions=resolutions,
                 )
             except ingest_client.ClientError as exc:
-                if exc.status is not None or time.monotonic() > give_up:
+                # No answer (a coordinator restarting) or 503 (storage or database unreachable for a
+                # while: nothing was recorded, the answer says to send it again): retry, as a client would.
+                if exc.status not in (None, 503) or time.monotonic() > give_up:
                     sub.error = str(exc)
                     break
                 await asyncio.sleep(0.5)  # retry pace while the coordinator restarts

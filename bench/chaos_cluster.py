@@ -203,7 +203,8 @@ async def run_cli(env: Mapping[str, str], *args: str, timeout_s: float = 60) -> 
 
 class Admin:
     """The admin and ingest APIs of the coordinator. Calls are retried while the coordinator cannot be
-    reached (it may be down for a restart), up to `deadline_s`; an HTTP error is raised at once."""
+    reached (it may be down for a restart) or answers 503 (its database or storage is unreachable for a
+    while), up to `deadline_s`; another HTTP error is raised at once."""
 
     def __init__(self, url: str, token: str, *, deadline_s: float = 45.0) -> None:
         self.url = url
@@ -223,11 +224,13 @@ class Admin:
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         while True:
             try:
-                return await self.http.request(method, path, **kwargs)
+                answer = await self.http.request(method, path, **kwargs)
+                if answer.status_code != 503 or time.monotonic() >= deadline:
+                    return answer
             except httpx.TransportError:
                 if time.monotonic() >= deadline:
                     raise
-                await asyncio.sleep(0.2)  # a retry pace, the coordinator may be restarting
+            await asyncio.sleep(0.2)  # a retry pace, the coordinator may be restarting
 
     async def json(self, path: str, **kwargs: Any) -> Any:
         answer = await self.call("GET", path, **kwargs)

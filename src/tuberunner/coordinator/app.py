@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import socketio
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp
 from tuberunner.coordinator import admin_api, dashboard, ingest_api, openapi, runner_api
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator
-from tuberunner.coordinator.problems import Problem, problem_response, storage_problem
+from tuberunner.coordinator.problems import Problem, database_problem, problem_response, storage_problem
 from tuberunner.coordinator.storage import StorageError
 from tuberunner.ops import coordinator as ops_api
 from tuberunner.ops.sd_notify import SystemdNotifier
@@ -54,6 +55,14 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     return problem_response(request, problem)
 
 
+async def _on_database_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DBAPIError)
+    unavailable = database_problem(request, exc)
+    if unavailable is None:
+        return await _on_bug(request, exc)
+    return problem_response(request, unavailable)
+
+
 async def _on_bug(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, Problem("Internal error; the coordinator keeps running"))
@@ -81,6 +90,7 @@ def create_app(config: CoordinatorConfig, *, systemd: SystemdNotifier | None = N
         exception_handlers={
             Problem: _on_problem,
             StorageError: _on_storage_error,
+            DBAPIError: _on_database_error,
             HTTPException: _on_http_exception,
             Exception: _on_bug,
         },

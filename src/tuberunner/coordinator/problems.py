@@ -6,10 +6,12 @@
     ├── Conflict (409)
     ├── Unauthorized (401) / Forbidden (403)   admin endpoints only
     ├── PayloadTooLarge (413)
-    └── ServiceUnavailable (503)    a part we depend on (object storage) cannot be reached; try again
+    └── ServiceUnavailable (503)    a part we depend on (database, object storage) cannot be reached
 
 Storage errors become problems here too (`storage_problem`): a file missing from storage is a 404 naming
-the file, an unreachable store a 503 with Retry-After; both are logged with their cause.
+the file, an unreachable store a 503 with Retry-After; both are logged with their cause. So do database
+errors that say the database is unreachable or the connection died (`database_problem`: a PostgreSQL
+restart, a killed backend): 503, the call may be sent again. Any other database error is our bug (500).
 
 Handlers raise these; `problem_response` renders them. Anything else that escapes a handler is our bug:
 it is logged and answered with a 500 problem document by the outermost middleware, never a crash.
@@ -21,6 +23,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from asyncpg import exceptions as asyncpg_exc  # type: ignore[import-untyped]
+from sqlalchemy import exc as sa_exc
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -80,8 +84,36 @@ class ServiceUnavailable(Problem):
     status = 503
 
 
-# What a client is told to wait before trying again while storage is unreachable.
+# What a client is told to wait before trying again while storage or the database is unreachable.
 STORAGE_RETRY_AFTER_S = 5
+
+
+# SQLSTATE classes of a broken connection (08) and of a server stopping or killing backends (57).
+_OUTAGE_SQLSTATE_CLASSES = ("08", "57")
+
+
+def _is_outage(exc: sa_exc.DBAPIError) -> bool:
+    """The connection died or the server went away: SQLAlchemy saw a disconnect, or the driver's error is
+    a connection failure, a server shutting the session down (`pg_terminate_backend`), or a client-side
+    state error of a connection left broken by one. A missing table or a constraint is not one."""
+    if exc.connection_invalidated or isinstance(exc, sa_exc.InterfaceError):
+        return True
+    cause = exc.orig.__cause__ if exc.orig is not None else None
+    sqlstate = getattr(cause, "sqlstate", None) or getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES:
+        return True
+    return isinstance(cause, asyncpg_exc.InterfaceError | asyncpg_exc.InternalClientError)
+
+
+def database_problem(request: Request | None, exc: sa_exc.DBAPIError) -> Problem | None:
+    """A 503 for a database that is unreachable or whose connection died mid-call; None otherwise."""
+    if not _is_outage(exc):
+        return None
+    where = f" on {request.method} {request.url.path}" if request is not None else ""
+    log.error("database unavailable%s: %s", where, str(exc.orig or exc).splitlines()[0][:300])
+    return ServiceUnavailable(
+        "Database is unavailable, try again later", headers={"retry-after": str(STORAGE_RETRY_AFTER_S)}
+    )
 
 
 def storage_problem(request: Request | None, exc: StorageError) -> Problem:
