@@ -16,7 +16,7 @@ from python_multipart.multipart import parse_options_header
 from tests.runner.conftest import job_of, register, seed_job
 from tests.support.protocol import create_video
 from tests.support.servers import RunningCoordinator
-from tuberunner.protocol.jobs import JobState, JobType
+from tuberunner.protocol.jobs import FEATURES_HEADER, RAW_UPLOAD_FEATURE, JobState, JobType
 from tuberunner.runner.client import (
     MAX_MESSAGE_CHARS,
     UPLOAD_CHUNK_BYTES,
@@ -272,6 +272,34 @@ async def test_custom_upload_targets_get_their_file_first_and_success_goes_witho
     assert success_url.endswith("/success")
     assert "payload[videoFile]" not in success_parts
     assert success_parts["payload[resolutionPlaylistFile]"][1] == b"#EXTM3U\n"
+
+
+async def test_a_target_marked_raw_gets_the_file_itself_as_the_body(tmp_path: Path) -> None:
+    """A Tuberunner coordinator's presigned object-storage URL: the bytes as they are, sized, typed; the
+    feature that earns such targets is announced on every call."""
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"raw video bytes" * 1000)
+    target = {"url": "http://storage.test/bucket/key?X-Amz-Signature=abc", "method": "PUT", "body": "raw"}
+    job = AcceptedJob(
+        JOB.uuid, JobType.VOD_WEB_VIDEO, {"output": {"videoFileCustomUpload": target}}, "ptrjt-1", URL
+    )
+    calls: list[tuple[httpx.Request, bytes]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
+        calls.append((request, body))
+        return httpx.Response(200 if request.url.host == "storage.test" else 204)
+
+    async with mock_client(handler) as client:
+        await client.success(job, JobOutput(files={"videoFile": video}))
+    (put, put_body), (success, success_body) = calls
+    assert (put.method, str(put.url)) == ("PUT", target["url"])
+    assert put_body == video.read_bytes()
+    assert put.headers["content-length"] == str(video.stat().st_size)
+    assert put.headers["content-type"] == "video/mp4"
+    assert success.url.path.endswith("/success")
+    assert "payload[videoFile]" not in multipart_parts(success, success_body)
+    assert success.headers[FEATURES_HEADER] == RAW_UPLOAD_FEATURE
 
 
 async def test_a_rejected_custom_upload_stops_before_success(tmp_path: Path) -> None:

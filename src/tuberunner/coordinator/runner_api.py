@@ -360,10 +360,11 @@ async def _store_result(c: Coordinator, job: Job, body: Body) -> JobResult:
         raise BadRequest(Message.PAYLOAD_INVALID)
     stored: dict[str, str] = {}
     for name in required:
-        if name in files_by_name or job.processing_job_token is None:
+        if name in files_by_name:
             continue
-        key = _direct_result_key(job.uuid, job.processing_job_token, name)
-        if not await c.storage.exists(key):
+        token = job.processing_job_token
+        key = _direct_result_key(job.uuid, token, name) if token else None
+        if key is None or not await c.storage.exists(key):
             raise BadRequest(Message.PAYLOAD_INVALID)
         stored[name] = key
     if job.type == JobType.TRANSCRIPTION:
