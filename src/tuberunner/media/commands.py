@@ -37,9 +37,12 @@ from tuberunner.media.profiles import (
 
 __all__ = [
     "EncodeSettings",
+    "LadderRung",
     "audio_merge_command",
     "fix_hls_playlist",
     "hls_command",
+    "hls_remux_command",
+    "ladder_command",
     "storyboard_command",
     "thumbnail_command",
     "web_video_command",
@@ -124,6 +127,12 @@ def hls_command(
             can_copy_audio=False,
             video_only=separated_audio and resolution != AUDIO_ONLY_RESOLUTION,
         ),
+        *_hls_output(playlist, fragmented_file),
+    ]
+
+
+def _hls_output(playlist: Path, fragmented_file: Path) -> list[str]:
+    return [
         "-hls_time",
         str(HLS_SEGMENT_DURATION_S),
         "-hls_list_size",
@@ -139,6 +148,89 @@ def hls_command(
         "-hls_flags",
         "single_file",
         _path(playlist),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class LadderRung:
+    """One output of `ladder_command`: an MP4 at `resolution` (short side) and `fps`."""
+
+    resolution: int
+    fps: int
+    output: Path
+
+
+def ladder_command(
+    video: MediaInfo,
+    rungs: list[LadderRung],
+    *,
+    settings: EncodeSettings,
+    audio_input: MediaInfo | None = None,
+) -> list[str]:
+    """Several web videos from one decode: the source is read and decoded once, split, and each rung is
+    scaled and encoded with exactly the options `web_video_command` gives it (same x264 settings, VBV cap,
+    GOP, audio rule, faststart). Only the filter graph differs: `split` feeds one `scale` per rung.
+    """
+    if not rungs:
+        raise ValueError("a ladder needs at least one rung")
+    if video.video is None:
+        raise NoVideoStream(f"{video.path.name} has no video stream to encode")
+    if any(rung.resolution == AUDIO_ONLY_RESOLUTION for rung in rungs):
+        raise ValueError("a ladder rung is a video rendition (resolution > 0)")
+    count = len(rungs)
+    pads = "".join(f"[split{index}]" for index in range(count))
+    graph = [f"[0:v:0]split={count}{pads}" if count > 1 else "[0:v:0]null[split0]"]
+    for index, rung in enumerate(rungs):
+        scale = _scale_to_resolution(video, rung.resolution)
+        graph.append(f"[split{index}]scale={scale}[rung{index}]")
+    args = [*_prefix(), *_inputs(video, audio_input), "-filter_complex", ";".join(graph)]
+    for index, rung in enumerate(rungs):
+        args += [
+            *_vod_preset(
+                video,
+                audio_input,
+                resolution=rung.resolution,
+                fps=rung.fps,
+                settings=settings,
+                scale=None,
+                can_copy_audio=True,
+                video_only=False,
+                video_map=f"[rung{index}]",
+            ),
+            "-f",
+            "mp4",
+            _path(rung.output),
+        ]
+    return args
+
+
+def hls_remux_command(
+    source: MediaInfo, playlist: Path, fragmented_file: Path, *, with_video: bool, with_audio: bool
+) -> list[str]:
+    """An HLS rendition packaged from an MP4 that already holds its streams (`-c copy`, nothing encoded):
+    the same playlist and single fragmented MP4 as `hls_command`. PeerTube packages its own HLS this way
+    when the input can be copied (its `presetCopy`). Video and audio are copied together, never one of
+    them encoded next to the other copied (that desynchronised PeerTube's audio, issue #6438).
+    After the run, call `fix_hls_playlist(playlist)`.
+    """
+    if fragmented_file.parent != playlist.parent:
+        raise ValueError("the fragmented MP4 must sit next to its playlist, which names it by its bare name")
+    if with_video and source.video is None:
+        raise NoVideoStream(f"{source.path.name} has no video stream to package")
+    options = ["-map", "0:v:0"] if with_video else []
+    if with_audio and source.audio is not None:
+        options += ["-map", "0:a:0"]
+    if not options:
+        raise NoAudioStream(f"{source.path.name} has no audio stream for an audio-only rendition")
+    return [
+        *_prefix(),
+        *_input(source.path),
+        *options,
+        "-c",
+        "copy",
+        "-map_metadata",
+        "-1",
+        *_hls_output(playlist, fragmented_file),
     ]
 
 
@@ -279,6 +371,7 @@ def _vod_preset(
     scale: str | None,
     can_copy_audio: bool,
     video_only: bool,
+    video_map: str = "0:v:0",
 ) -> list[str]:
     audio_source = audio_input if audio_input is not None else video
     audio_index = 1 if audio_input is not None else 0
@@ -292,7 +385,7 @@ def _vod_preset(
 
     options = []
     if with_video:
-        options += ["-map", "0:v:0"]
+        options += ["-map", video_map]
     if with_audio:
         options += ["-map", f"{audio_index}:a:0"]
     options += [*_threads(settings), "-movflags", "faststart", *_global_output_options()]

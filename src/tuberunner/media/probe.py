@@ -99,12 +99,45 @@ class MediaInfo:
         return self.video.bit_rate if self.video is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyframeSpacing:
+    keyframes: int
+    starts_with_keyframe: bool
+    max_interval_s: float | None
+    """The longest time between two keyframes (or from the last one to the end); None without keyframes."""
+
+
 async def probe(path: Path, *, timeout_s: float = 30) -> MediaInfo:
     """Describe `path`; raises `ProbeError` naming the cause when it is not a usable media file."""
+    answer = await _ask_worker(path, [], timeout_s)
+    try:
+        return _media_info(path, answer["info"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProbeError(f"probing {path.name} returned an unexpected answer: {exc!r}") from exc
+
+
+async def keyframe_spacing(path: Path, *, timeout_s: float = 120) -> KeyframeSpacing:
+    """How far apart the keyframes of the first video stream of `path` are (its packets are read, not
+    decoded: seconds for hours of video); `ProbeError` when it cannot be read."""
+    answer = await _ask_worker(path, ["--keyframes"], timeout_s)
+    try:
+        raw = answer["keyframes"]
+        interval = raw["max_interval_s"]
+        return KeyframeSpacing(
+            keyframes=int(raw["keyframes"]),
+            starts_with_keyframe=bool(raw["starts_with_keyframe"]),
+            max_interval_s=None if interval is None else float(interval),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProbeError(f"reading the keyframes of {path.name} gave an unexpected answer: {exc!r}") from exc
+
+
+async def _ask_worker(path: Path, options: list[str], timeout_s: float) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         _WORKER_MODULE,
+        *options,
         os.fspath(path),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -132,10 +165,7 @@ async def probe(path: Path, *, timeout_s: float = 30) -> MediaInfo:
         raise ProbeError(f"probing {path.name} failed ({reason}): {_last_line(stderr)}")
     if not answer.get("ok"):
         raise ProbeError(f"{path.name}: {answer.get('error', 'unknown probe error')}")
-    try:
-        return _media_info(path, answer["info"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProbeError(f"probing {path.name} returned an unexpected answer: {exc!r}") from exc
+    return answer
 
 
 def _worker_environment() -> dict[str, str]:

@@ -1,9 +1,11 @@
 """Subprocess entry point of `probe.probe`: `python -m tuberunner.media.probe_worker PATH`.
 
 It opens PATH with PyAV (libavformat), prints one JSON object on stdout and exits 0:
-`{"ok": true, "info": {...}}` or `{"ok": false, "error": "<reason>"}`. It runs in its own process so that a
-hostile or corrupt file that crashes or hangs the demuxer or decoder takes down only this process; the caller
-kills it on a timeout and turns a crash into a `ProbeError`.
+`{"ok": true, "info": {...}}` or `{"ok": false, "error": "<reason>"}`. With `--keyframes PATH` it reads
+the first video stream's packets (no decoding) and answers `{"ok": true, "keyframes": {...}}`: how far
+apart its keyframes are, which decides whether HLS segments can be cut from it without re-encoding.
+It runs in its own process so that a hostile or corrupt file that crashes or hangs the demuxer or decoder
+takes down only this process; the caller kills it on a timeout and turns a crash into a `ProbeError`.
 
 Field semantics (mirrored by the dataclasses of `probe.py`):
 
@@ -17,6 +19,7 @@ Field semantics (mirrored by the dataclasses of `probe.py`):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -50,12 +53,17 @@ _TEXT_FORMATS = frozenset({"tty", "bin", "idf", "adf", "xbin"})
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m tuberunner.media.probe_worker PATH", file=sys.stderr)
+    keyframes = len(argv) == 3 and argv[1] == "--keyframes"
+    if len(argv) != 2 and not keyframes:
+        print("usage: python -m tuberunner.media.probe_worker [--keyframes] PATH", file=sys.stderr)
         return 2
     _limit_resources()
     try:
-        result: dict[str, Any] = {"ok": True, "info": describe(argv[1])}
+        result: dict[str, Any] = (
+            {"ok": True, "keyframes": keyframe_spacing(argv[2])}
+            if keyframes
+            else {"ok": True, "info": describe(argv[1])}
+        )
     except _NotMedia as exc:
         result = {"ok": False, "error": str(exc)}
     json.dump(result, sys.stdout)
@@ -122,6 +130,48 @@ def describe(path: str) -> dict[str, Any]:
         "bit_rate": bit_rate,
         "video": video,
         "audio": audio,
+    }
+
+
+def keyframe_spacing(path: str) -> dict[str, Any]:
+    """Keyframe statistics of the first video stream, from packet flags (nothing is decoded).
+
+    `max_interval_s` is the longest time between two keyframes, and from the last one to the end of the
+    stream; `starts_with_keyframe` whether the first packet (in decoding order) is one."""
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        container = av.open(path, options={"protocol_whitelist": "file"})
+    except (av.FFmpegError, OSError) as exc:
+        raise _NotMedia(f"not a video file: {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise _NotMedia("no video stream")
+        stream = container.streams.video[0]
+        time_base = stream.time_base
+        keys: list[float] = []
+        first_is_key: bool | None = None
+        end_s = 0.0
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is None or time_base is None:
+                    continue
+                at_s = float(packet.pts * time_base)
+                duration_s = float(packet.duration * time_base) if packet.duration else 0.0
+                end_s = max(end_s, at_s + duration_s)
+                if first_is_key is None:
+                    first_is_key = bool(packet.is_keyframe)
+                if packet.is_keyframe:
+                    keys.append(at_s)
+        except av.FFmpegError as exc:
+            raise _NotMedia(f"cannot read its packets: {exc}") from exc
+    keys.sort()
+    gaps = [b - a for a, b in itertools.pairwise(keys)]
+    if keys:
+        gaps.append(end_s - keys[-1])
+    return {
+        "keyframes": len(keys),
+        "starts_with_keyframe": bool(first_is_key),
+        "max_interval_s": max(gaps) if gaps else None,
     }
 
 

@@ -28,7 +28,7 @@ from tuberunner.coordinator.schema import runners as runners_table
 from tuberunner.media.errors import FfmpegUnavailable
 from tuberunner.oneshot.export import ExportResult, export_outputs
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
-from tuberunner.runner.daemon import build_supervisor, processing_settings
+from tuberunner.runner.daemon import build_supervisor, encode_cache, processing_settings
 from tuberunner.runner.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,8 @@ async def _start_runners(
     if leftovers:
         await c.runners.remove(leftovers)
     registration = await c.runners.create_registration_token()
+    # One set of kept encodes for all: a rung one runner encoded in a ladder serves the others' jobs.
+    encodes = encode_cache(base, state_dir / "runners" / "encodes")
     supervisors = []
     for index in range(count):
         name = f"one-shot-{index + 1}"
@@ -226,6 +228,7 @@ async def _start_runners(
                 runner_id=name,
                 work_dir=folder / "jobs",
                 inputs_dir=folder / "inputs",
+                encodes=encodes,
             )
         )
     return supervisors

@@ -48,14 +48,33 @@ class AudioMergeInput(_Model):
     previewFileUrl: str
 
 
+class LadderRung(_Model):
+    resolution: int = Field(gt=0, le=8192)
+    fps: int = Field(gt=0, le=1000)
+
+
+class Ladder(_Model):
+    """`tuberunnerLadder`, an extension of a Tuberunner coordinator (other runners ignore it).
+
+    On a video's parent web-video job, `rungs` lists the lower renditions of the video: a runner may
+    encode them in the same run, from the same decode, and keep them. On the web-video and HLS jobs of
+    those renditions (and the max-resolution HLS job), `id` names that ladder (the parent job's UUID) and
+    `rungs` is empty: a runner holding the rung uses it instead of encoding again."""
+
+    id: str = Field(min_length=1, max_length=100)
+    rungs: list[LadderRung] = Field(default_factory=list, max_length=16)
+
+
 class WebVideoPayload(_Model):
     input: VideoInput
     output: WebVideoOutput
+    tuberunnerLadder: Ladder | None = None
 
 
 class HlsPayload(_Model):
     input: VideoInput
     output: HlsOutput
+    tuberunnerLadder: Ladder | None = None
 
 
 class AudioMergePayload(_Model):

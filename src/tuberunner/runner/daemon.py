@@ -32,6 +32,7 @@ from tuberunner.runner.config import (
     RunnerConfig,
     with_enabled_job_types,
 )
+from tuberunner.runner.encode_cache import EncodeCache
 from tuberunner.runner.input_cache import InputCache
 from tuberunner.runner.job import AcceptedJob, InputFetcher, ProcessingSettings
 from tuberunner.runner.paths import RunnerPaths, official_config_file, runner_paths
@@ -47,6 +48,7 @@ __all__ = [
     "DaemonOptions",
     "build_supervisor",
     "config_reloader",
+    "encode_cache",
     "processing_settings",
     "run_daemon",
 ]
@@ -107,11 +109,11 @@ def _load(config_file: ConfigFile, paths: RunnerPaths, options: DaemonOptions) -
 
 def _inputs(
     config: RunnerConfig, inputs_dir: Path, clients: JobClients, metrics: RunnerMetrics
-) -> InputsFactory:
+) -> tuple[InputsFactory, InputCache | None]:
     limits = DownloadLimits(deadlines=config.deadlines())
     limits = replace(limits, retry=replace(limits.retry, observer=metrics))
     if config.input_cache_max_bytes <= 0:
-        return direct_inputs(clients, limits)
+        return direct_inputs(clients, limits), None
     cache = InputCache(
         clients,
         inputs_dir,
@@ -123,7 +125,19 @@ def _inputs(
     def factory(job: AcceptedJob, work_dir: Path) -> AbstractAsyncContextManager[InputFetcher]:
         return cache.inputs_for(job)
 
-    return factory
+    return factory, cache
+
+
+def encode_cache(config: RunnerConfig, inputs_dir: Path) -> EncodeCache | None:
+    """The runner's kept encodes, next to its inputs and with the same size budget (none when the input
+    cache is off: the encodes are kept for the jobs that would download the same inputs)."""
+    if config.input_cache_max_bytes <= 0:
+        return None
+    return EncodeCache(
+        inputs_dir.absolute(),
+        max_bytes=config.input_cache_max_bytes,
+        max_idle_s=config.input_cache_max_idle_s,
+    )
 
 
 async def processing_settings(config: RunnerConfig) -> ProcessingSettings:
@@ -152,9 +166,11 @@ def build_supervisor(
     reload_config: Callable[[], RunnerConfig | None] | None = None,
     flag_instance: Callable[[InstanceConfig], None] | None = None,
     systemd: SystemdNotifier | None = None,
+    encodes: EncodeCache | None = None,
 ) -> Supervisor:
     """The one way to put a runner together (the daemon and the one-shot mode); ValueError when the
-    enabled job types cannot be served."""
+    enabled job types cannot be served. `encodes` shares kept encodes between runners of one process
+    (the one-shot mode); by default the runner keeps its own in `inputs_dir`."""
     from tuberunner.runner.processors import runner_processors
 
     # ffmpeg runs in each job's folder: a relative path to an input (a relative `--output` of the
@@ -164,6 +180,16 @@ def build_supervisor(
     processors = runner_processors(config)
     clients = JobClients()
     metrics = RunnerMetrics()
+    inputs, input_cache = _inputs(config, inputs_dir, clients, metrics)
+    if encodes is None:
+        encodes = encode_cache(config, inputs_dir)
+    kept = encodes
+
+    def holds_video(instance_url: str, video_uuid: str) -> bool:
+        return (input_cache is not None and input_cache.holds_video(video_uuid)) or (
+            kept is not None and kept.holds_video(instance_url, video_uuid)
+        )
+
     return Supervisor(
         config,
         work_dir=work_dir,
@@ -173,12 +199,14 @@ def build_supervisor(
         runner_id=runner_id,
         version=__version__,
         job_clients=clients,
-        inputs=_inputs(config, inputs_dir, clients, metrics),
+        inputs=inputs,
         state_file=state_file,
         reload_config=reload_config,
         flag_instance=flag_instance,
         metrics=metrics,
         systemd=systemd,
+        encodes=encodes,
+        holds_video=holds_video,
     )
 
 

@@ -199,6 +199,12 @@ class InputCache:
     def size_bytes(self) -> int:
         return sum(entry.size_bytes for entry in self._live if entry.path is not None)
 
+    def holds_video(self, video_uuid: str) -> bool:
+        """Whether a complete input of `video_uuid` is here (its other jobs would not download it)."""
+        return any(
+            key.video_uuid == video_uuid and entry.path is not None for key, entry in self._entries.items()
+        )
+
     def prune(self) -> None:
         """Delete idle entries now (the supervisor may call this from its periodic tick)."""
         self._evict()

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuberunner.protocol.jobs import JobType
+
+if TYPE_CHECKING:
+    from tuberunner.runner.encode_cache import EncodeCache
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class JobContext:
     report_progress: Callable[[float | None], None]
     # ffmpeg's speed (media seconds per wall second), for `status` and metrics.
     report_speed: Callable[[float | None], None] = lambda speed: None
+    # Encodes this runner made, reused instead of encoding again (None: no reuse).
+    encodes: EncodeCache | None = None
 
 
 Processor = Callable[[JobContext], Awaitable[JobOutput]]

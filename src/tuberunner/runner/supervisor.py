@@ -55,6 +55,7 @@ from tuberunner.protocol.errors import ErrorCode
 from tuberunner.protocol.jobs import JobType
 from tuberunner.runner.client import AvailableJob, InstanceClient, client_for
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
+from tuberunner.runner.encode_cache import EncodeCache
 from tuberunner.runner.errors import (
     JobGone,
     RequestRejected,
@@ -74,7 +75,7 @@ from tuberunner.runner.job import (
 from tuberunner.runner.notifier import SocketNotifier
 from tuberunner.runner.retry import RetryPolicy
 from tuberunner.runner.state import DaemonState, ErrorRecord, InstanceStatus, JobStatus, write_state
-from tuberunner.runner.transfers import DownloadLimits, InputDownloader
+from tuberunner.runner.transfers import DownloadLimits, InputDownloader, resource_of
 
 __all__ = [
     "CancelReason",
@@ -348,6 +349,8 @@ class Supervisor:
         retry: RetryPolicy | None = None,
         metrics: RunnerMetrics | None = None,
         systemd: SystemdNotifier | None = None,
+        encodes: EncodeCache | None = None,
+        holds_video: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.config = config
         self.work_dir = work_dir
@@ -365,6 +368,9 @@ class Supervisor:
         self.metrics = metrics or RunnerMetrics()
         self.retry = retry or RetryPolicy(observer=self.metrics)
         self.systemd = systemd or SystemdNotifier(None)
+        self.encodes = encodes
+        # Whether this runner holds inputs or encodes of (instance URL, video UUID): such offers go first.
+        self.holds_video = holds_video
         watchdog_s = self.systemd.watchdog_interval_s
         self.loop_monitor = LoopMonitor(
             min(_TICK_S, watchdog_s / 2) if watchdog_s else _TICK_S, on_tick=self.systemd.watchdog
@@ -679,13 +685,26 @@ class Supervisor:
             offers = await worker.client.request_jobs(self.job_types(), self.version)
             worker.contact()
             took = False
-            for offer in offers:
+            for offer in self._by_preference(worker, offers):
                 if self.free_slots() <= 0 or self.draining:
                     return
                 with logs.bound(job_id=offer.uuid, job_type=offer.type):
                     took = await self._take(worker, offer) or took
             if not took:
                 return
+
+    def _by_preference(self, worker: InstanceWorker, offers: list[AvailableJob]) -> list[AvailableJob]:
+        """Offers of a video whose inputs or encodes this runner holds first (no download, maybe no
+        encode), then in the server's order (its priorities)."""
+        holds = self.holds_video
+        if holds is None:
+            return offers
+
+        def held(offer: AvailableJob) -> bool:
+            found = _video_of(offer.payload)
+            return found is not None and holds(worker.config.url, found)
+
+        return sorted(offers, key=lambda offer: not held(offer))
 
     async def _take(self, worker: InstanceWorker, offer: AvailableJob) -> bool:
         """Accept `offer` and start its job, unless we cannot take it or lose the race."""
@@ -892,6 +911,7 @@ class Supervisor:
             fetch_input=fetch,
             report_progress=lambda value: self._progress(run, value),
             report_speed=lambda value: setattr(run, "speed", value),
+            encodes=self.encodes,
         )
 
     async def _heartbeat(self, run: JobRun, heartbeat: Heartbeat) -> None:
@@ -1026,6 +1046,18 @@ _OUTCOME_OF_CANCEL = {
     CancelReason.SHUTDOWN: JobOutcome.ABORTED,
     CancelReason.INSTANCE_REMOVED: JobOutcome.ABORTED,
 }
+
+
+def _video_of(payload: Mapping[str, Any]) -> str | None:
+    """The video UUID an offer's input URL names, if any."""
+    inputs = payload.get("input")
+    if not isinstance(inputs, Mapping):
+        return None
+    for value in inputs.values():
+        found = resource_of(value) if isinstance(value, str) else None
+        if found is not None:
+            return found[0].lower()
+    return None
 
 
 def _clip(text: str, limit: int) -> str:
