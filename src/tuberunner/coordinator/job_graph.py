@@ -26,6 +26,24 @@ probe of the edited video, as PeerTube's `onVideoStudioEnded` builds its transco
 (`studio_job`, `graph_options_from_json`).
 
 Payload URLs are paths; they are made absolute when served (`models.absolutize`).
+
+Encode once (the `tuberunnerLadder` payload extension). The graph keeps PeerTube's shape whoever runs it,
+so every runner, official or ours, can take every job, and leases, retries, abort, cancel, delete and
+restart work job by job as they always did. On top of it, a video (not an audio upload) gets:
+
+* on its parent web-video job: `tuberunnerLadder: {"id": <parent uuid>, "rungs": [{resolution, fps}...]}`,
+  every lower rendition of the graph. A Tuberunner runner encodes them in the same run, from one decode of
+  the source, and keeps them (an official runner ignores the field and encodes the parent alone);
+* on the max-resolution HLS job and on each lower rendition's web-video and HLS jobs:
+  `tuberunnerLadder: {"id": <parent uuid>}`. A runner that kept that rung uploads it (web video) or
+  packages it with `-c copy` (HLS) instead of encoding; any other runner encodes as PeerTube would.
+
+So the coordinator never needs to know which runners will come: with only official runners the jobs run
+exactly as PeerTube's; in a mixed fleet, a rung job taken by a runner that does not hold the rung is
+encoded by it; nothing waits for a capable runner. Our runners take offers of a video whose encodes they
+hold first, so the rung jobs go back to the runner that made the ladder whenever it has a free slot.
+A lower rendition made this way comes from the source rather than from the max-quality file (one
+generation of encoding less); everything else (bit rate cap, fps, x264 options) is the job's own.
 """
 
 from __future__ import annotations
@@ -156,7 +174,28 @@ def build_job_graph(
             )
     if options.transcription and has_audio:
         builder.transcription(options.transcription_language, parent)
+    if not audio_upload:
+        _mark_ladder(builder.specs, parent, max_resolution)
     return builder.specs
+
+
+def _mark_ladder(specs: list[JobSpec], parent: str, max_resolution: int) -> None:
+    """Add the `tuberunnerLadder` extension (module docstring) to the parent and its rung jobs."""
+    rungs: list[dict[str, int]] = []
+    for spec in specs:
+        if spec.type not in (JobType.VOD_WEB_VIDEO, JobType.VOD_HLS):
+            continue
+        output = spec.payload["output"]
+        if output["resolution"] == AUDIO_ONLY_RESOLUTION:
+            continue
+        rung = {"resolution": output["resolution"], "fps": output["fps"]}
+        if spec.uuid != parent:
+            spec.payload["tuberunnerLadder"] = {"id": parent}
+            if output["resolution"] < max_resolution and rung not in rungs:
+                rungs.append(rung)
+    for spec in specs:
+        if spec.uuid == parent:
+            spec.payload["tuberunnerLadder"] = {"id": parent, "rungs": rungs}
 
 
 def _max_resolution(short_side: int, options: GraphOptions) -> int:

@@ -106,9 +106,14 @@ async def web_video(ctx: JobContext) -> JobOutput:
     ):
         return JobOutput(files={"videoFile": _produced(output, what)})
     await run_encode(ctx, args, duration_s=video.duration_s, what=what, check_output=output)
+    video_uuid = _video_uuid(payload.input)
     if ctx.encodes is not None and resolution != AUDIO_ONLY_RESOLUTION:
         key = await _command_key(ctx, payload.input, video, audio, resolution, fps)
         ctx.encodes.put(key, output, duration_s=video.duration_s)
+        if ladder is not None and video_uuid is not None:
+            # A rung of a ladder encoded alone (the parent serves the max-resolution HLS job this way).
+            rung = _rung_key(ctx, video_uuid, ladder, resolution, fps)
+            ctx.encodes.put(rung, output, duration_s=video.duration_s)
     return JobOutput(files={"videoFile": _produced(output, what)})
 
 

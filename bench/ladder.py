@@ -1,0 +1,263 @@
+"""A whole ladder: `tuberunner transcode` against the single-ffmpeg limit, and the quality of what it makes.
+
+    python bench/ladder.py [--quick] [--rounds 2] [--runners 2] [--no-vmaf]
+
+For each generated clip (30 s of 1280x720 and of 1920x1080 at 30 fps, `testsrc2` with a stereo tone;
+`--quick`: 8 s of 640x360), in the same run and alternating:
+
+* **limit**: one ffmpeg that decodes the clip once and encodes every rung once, with the runner's own x264
+  settings (`media.commands.ladder_command`: veryfast, b-strategy 1, 16 B-frames, GOP 2 s, the job's VBV
+  caps), then the HLS renditions packaged from those MP4s with `-c copy` (video renditions and the
+  audio-only one), timed around the ffmpeg processes alone;
+* **one-shot**: `tuberunner transcode CLIP -o OUT --resolutions ... --runners N` as a child process, wall
+  time from start to exit (embedded coordinator and runners start-up, every job, the export).
+
+It prints each round, the medians and their ratio (target: one-shot <= 1.15 x the limit).
+
+Quality (`--no-vmaf` skips it): each output of the last one-shot run against *today's encode of the same
+rung*, the outputs the PeerTube-shaped pipeline made before encodes were shared, rebuilt here with the
+very commands of that pipeline: the max-resolution web video from the clip, each lower web video and every
+HLS rendition encoded from that max-resolution file. VMAF (libvmaf, every 3rd frame) is printed per output
+with what replaced the encode: `remux` (the same encode packaged again, or the input copied: >= 99
+expected) or `ladder` (the rung encoded from the clip in the ladder instead of from the max-resolution
+file: >= 95 expected). libvmaf comes from the ffmpeg of the `imageio-ffmpeg` wheel (Debian's 5.1 has none);
+the encodes use the ffmpeg the runner would (FFMPEG_PATH, else the system's).
+
+The script prints numbers and never fails on them; it exits 2 only when the setup itself breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuberunner.media.binaries import find_ffmpeg
+from tuberunner.media.commands import (
+    EncodeSettings,
+    LadderRung,
+    hls_command,
+    hls_remux_command,
+    ladder_command,
+    web_video_command,
+)
+from tuberunner.media.probe import MediaInfo, probe
+from tuberunner.media.profiles import compute_output_fps
+from tuberunner.media.samples import make_sample_clip
+
+TARGET_RATIO = 1.15
+VMAF_SUBSAMPLE = 3
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    width: int
+    height: int
+    duration_s: float
+    fps: int = 30
+
+    @property
+    def ladder(self) -> tuple[int, ...]:
+        return tuple(r for r in (1080, 720, 480, 360, 240) if r <= self.height)
+
+
+FULL = (Clip("720p", 1280, 720, 30), Clip("1080p", 1920, 1080, 30))
+QUICK = (Clip("360p", 640, 360, 8),)
+
+
+def run(ffmpeg: Path, args: list[str], cwd: Path) -> float:
+    started = time.monotonic()
+    subprocess.run([os.fspath(ffmpeg), *args], cwd=cwd, check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+async def limit_once(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = EncodeSettings()
+    top = clip.ladder[0]
+    rungs = [
+        LadderRung(r, compute_output_fps(clip.fps, r, r == top), folder / f"rung-{r}.mp4")
+        for r in clip.ladder
+    ]
+    elapsed = run(ffmpeg, ladder_command(source, rungs, settings=settings), folder)
+    for rung in rungs:
+        info = await probe(rung.output)
+        args = hls_remux_command(
+            info,
+            folder / f"{rung.resolution}.m3u8",
+            folder / f"{rung.resolution}-fragmented.mp4",
+            with_video=True,
+            with_audio=False,
+        )
+        elapsed += run(ffmpeg, args, folder)
+    top_info = await probe(rungs[0].output)
+    audio = hls_remux_command(
+        top_info, folder / "0.m3u8", folder / "0-fragmented.mp4", with_video=False, with_audio=True
+    )
+    return elapsed + run(ffmpeg, audio, folder)
+
+
+def oneshot_once(clip_path: Path, clip: Clip, out: Path, runners: int) -> float:
+    started = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuberunner",
+            "transcode",
+            os.fspath(clip_path),
+            "-o",
+            os.fspath(out),
+            "--resolutions",
+            ",".join(str(r) for r in clip.ladder),
+            "--runners",
+            str(runners),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return time.monotonic() - started
+
+
+async def todays_encodes(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) -> dict[str, Path]:
+    """The outputs of the pipeline before encodes were shared: every rung encoded from the top file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = EncodeSettings()
+    top = clip.ladder[0]
+    top_file = folder / f"web-{top}.mp4"
+    top_fps = compute_output_fps(clip.fps, top, True)
+    run(ffmpeg, web_video_command(source, top_file, resolution=top, fps=top_fps, settings=settings), folder)
+    top_info = await probe(top_file)
+    outputs = {f"web {top}": top_file}
+    for r in clip.ladder:
+        fps = compute_output_fps(clip.fps, r, r == top)
+        if r != top:
+            path = folder / f"web-{r}.mp4"
+            run(ffmpeg, web_video_command(top_info, path, resolution=r, fps=fps, settings=settings), folder)
+            outputs[f"web {r}"] = path
+        playlist, fragmented = folder / f"hls-{r}.m3u8", folder / f"hls-{r}-fragmented.mp4"
+        command = hls_command(
+            top_info, playlist, fragmented, resolution=r, fps=fps, settings=settings, separated_audio=True
+        )
+        run(ffmpeg, command, folder)
+        outputs[f"hls {r}"] = fragmented
+    return outputs
+
+
+def new_outputs(out: Path) -> dict[str, Path]:
+    summary = json.loads((out / "summary.json").read_text())
+    outputs = {f"web {w['resolution']}": out / w["file"] for w in summary["webVideos"]}
+    for rendition in summary["hls"]["renditions"]:
+        if rendition["resolution"]:
+            outputs[f"hls {rendition['resolution']}"] = out / rendition["file"]
+    return outputs
+
+
+def vmaf(vmaf_ffmpeg: Path, distorted: Path, reference: Path) -> float | None:
+    graph = f"[0:v][1:v]libvmaf=n_subsample={VMAF_SUBSAMPLE}:n_threads={os.cpu_count() or 1}"
+    answer = subprocess.run(
+        [os.fspath(vmaf_ffmpeg), "-hide_banner", "-i", os.fspath(distorted), "-i", os.fspath(reference)]
+        + ["-lavfi", graph, "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"VMAF score: ([0-9.]+)", answer.stderr)
+    return float(found.group(1)) if found else None
+
+
+def bundled_ffmpeg() -> Path | None:
+    try:
+        import imageio_ffmpeg
+
+        return Path(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError):
+        return None
+
+
+async def bench_clip(args: argparse.Namespace, ffmpeg: Path, clip: Clip, root: Path) -> None:
+    folder = root / clip.name
+    folder.mkdir()
+    clip_path = folder / f"clip-{clip.name}.mp4"
+    await make_sample_clip(
+        ffmpeg, clip_path, duration_s=clip.duration_s, width=clip.width, height=clip.height, fps=clip.fps
+    )
+    source = await probe(clip_path)
+    print(
+        f"\n== {clip.name}: {clip.duration_s:g} s of {clip.width}x{clip.height}@{clip.fps}, ladder {clip.ladder}"
+    )
+    limits, oneshots = [], []
+    out = folder / "out"
+    for index in range(args.rounds):
+        limit = await limit_once(ffmpeg, source, clip, folder / f"limit-{index}")
+        out = folder / f"out-{index}"
+        oneshot = oneshot_once(clip_path, clip, out, args.runners)
+        limits.append(limit)
+        oneshots.append(oneshot)
+        load = os.getloadavg()[0]
+        print(
+            f"round {index + 1}: limit {limit:6.2f} s   one-shot {oneshot:6.2f} s   "
+            f"ratio {oneshot / limit:.2f}   (load {load:.1f})"
+        )
+    limit, oneshot = statistics.median(limits), statistics.median(oneshots)
+    print(
+        f"median: limit {limit:.2f} s, one-shot {oneshot:.2f} s: ratio {oneshot / limit:.2f} "
+        f"(target <= {TARGET_RATIO}); best of {args.rounds}: {min(oneshots) / min(limits):.2f}"
+    )
+    if args.no_vmaf:
+        return
+    vmaf_ffmpeg = bundled_ffmpeg()
+    if vmaf_ffmpeg is None:
+        print("VMAF: no ffmpeg with libvmaf (imageio-ffmpeg is not installed)")
+        return
+    today = await todays_encodes(ffmpeg, source, clip, folder / "today")
+    produced = new_outputs(out)
+    top = clip.ladder[0]
+    print("VMAF of the one-shot's outputs against today's encode of the same rung:")
+    for name, reference in today.items():
+        kind, resolution = name.split()
+        how = "remux" if kind == "hls" and int(resolution) == top else "ladder"
+        if kind == "web" and int(resolution) == top:
+            how = "same encode"
+        score = vmaf(vmaf_ffmpeg, produced[name], reference) if name in produced else None
+        shown = f"{score:6.2f}" if score is not None else "   n/a"
+        print(f"  {name:9s} {how:12s} VMAF {shown}")
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one 8 s 360p clip")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runners", type=int, default=2)
+    parser.add_argument("--no-vmaf", action="store_true")
+    args = parser.parse_args()
+    try:
+        ffmpeg = find_ffmpeg(os.environ.get("FFMPEG_PATH"))
+    except Exception as exc:
+        print(f"setup failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"ffmpeg {ffmpeg}; {os.cpu_count()} cores; one-shot with --runners {args.runners}")
+    with tempfile.TemporaryDirectory(prefix="bench-ladder-") as tmp:
+        try:
+            for clip in QUICK if args.quick else FULL:
+                await bench_clip(args, ffmpeg, clip, Path(tmp))
+        except (subprocess.CalledProcessError, OSError) as exc:
+            stderr = getattr(exc, "stderr", b"") or b""
+            print(f"setup failed: {exc}\n{stderr.decode(errors='replace')[-2000:]}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
