@@ -13,8 +13,10 @@ what the encode would have produced, in every property a player or the server lo
   ones would;
 * a bit rate within the job's cap: the `-maxrate` the encode would get (PeerTube's target bit rate; its
   quick transcode accepts up to the larger *maximum* rate);
-* audio, when the rendition carries it, that the AAC rule copies (`profiles.can_copy_audio`), from the same
-  file: video and audio are always copied together.
+* audio, when the rendition carries it, that the AAC rule copies (`profiles.can_copy_audio`) in mono or
+  stereo (HLS encodes force stereo: other layouts break playback in Chrome), from the same file: video and
+  audio are always copied together. The audio-only rendition is copied on this rule alone (PeerTube copies
+  it too when it copies codecs).
 
 Anything else, or anything unknown (no bit rate, no level), answers a reason, and the job encodes as before.
 """
@@ -51,7 +53,7 @@ def hls_copy_problem(
     otherwise why not. `keyframes=None` (not read yet) checks everything else."""
     video = info.video
     if resolution == AUDIO_ONLY_RESOLUTION:
-        return "an audio-only rendition is encoded"
+        return "no audio stream" if info.audio is None else _audio_problem(info)
     if video is None:
         return "no video stream"
     if video.codec != "h264":
@@ -74,12 +76,21 @@ def hls_copy_problem(
     cap = target_bitrate(resolution, fps, video_aspect_ratio(video), info.input_bitrate)
     if bit_rate > cap:
         return f"bit rate {bit_rate} above the cap {cap}"
-    if with_audio and info.audio is not None and not can_copy_audio(info.audio):
-        return f"audio {info.audio.codec} that the profile re-encodes"
+    if with_audio and info.audio is not None and (problem := _audio_problem(info)):
+        return problem
     if keyframes is not None:
         if not keyframes.starts_with_keyframe or keyframes.max_interval_s is None:
             return "does not start with a keyframe"
         # One frame of slack: timestamps of a 2 s GOP land on 2 s plus rounding.
         if keyframes.max_interval_s > GOP_S + 1.0 / fps + 0.001:
             return f"keyframes up to {keyframes.max_interval_s:.2f} s apart (more than {GOP_S:g} s)"
+    return None
+
+
+def _audio_problem(info: MediaInfo) -> str | None:
+    audio = info.audio
+    if audio is None:
+        return None
+    if not can_copy_audio(audio) or audio.channels > 2 or audio.channel_layout not in ("mono", "stereo"):
+        return f"{audio.codec} audio ({audio.channel_layout or 'unknown layout'}) that the profile re-encodes"
     return None

@@ -130,7 +130,8 @@ async def hls(ctx: JobContext) -> JobOutput:
     with_audio = resolution == AUDIO_ONLY_RESOLUTION or not payload.output.separatedAudio
 
     async def package(source: MediaInfo, duration_s: float) -> JobOutput:
-        args = hls_remux_command(source, playlist, fragmented, with_video=True, with_audio=with_audio)
+        with_video = resolution != AUDIO_ONLY_RESOLUTION
+        args = hls_remux_command(source, playlist, fragmented, with_video=with_video, with_audio=with_audio)
         await run_encode(ctx, args, duration_s=duration_s, what=what, check_output=fragmented)
         fix_hls_playlist(_produced(playlist, what))
         return JobOutput(files={"videoFile": _produced(fragmented, what), "resolutionPlaylistFile": playlist})
@@ -291,8 +292,8 @@ async def _encode_ladder(
 async def _copy_problem(video: MediaInfo, resolution: int, fps: int, with_audio: bool) -> str | None:
     """Why the input cannot be packaged as the rendition as it is (None: it can)."""
     problem = hls_copy_problem(video, None, resolution=resolution, fps=fps, with_audio=with_audio)
-    if problem is not None:
-        return problem
+    if problem is not None or resolution == AUDIO_ONLY_RESOLUTION:
+        return problem  # audio-only: no keyframes to look at
     try:
         keyframes = await keyframe_spacing(video.path)
     except ProbeError as exc:
