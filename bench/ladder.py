@@ -166,8 +166,19 @@ def new_outputs(out: Path) -> dict[str, Path]:
 def vmaf(vmaf_ffmpeg: Path, distorted: Path, reference: Path) -> float | None:
     graph = f"[0:v][1:v]libvmaf=n_subsample={VMAF_SUBSAMPLE}:n_threads={os.cpu_count() or 1}"
     answer = subprocess.run(
-        [os.fspath(vmaf_ffmpeg), "-hide_banner", "-i", os.fspath(distorted), "-i", os.fspath(reference)]
-        + ["-lavfi", graph, "-f", "null", "-"],
+        [
+            os.fspath(vmaf_ffmpeg),
+            "-hide_banner",
+            "-i",
+            os.fspath(distorted),
+            "-i",
+            os.fspath(reference),
+            "-lavfi",
+            graph,
+            "-f",
+            "null",
+            "-",
+        ],
         capture_output=True,
         text=True,
     )
@@ -192,9 +203,8 @@ async def bench_clip(args: argparse.Namespace, ffmpeg: Path, clip: Clip, root: P
         ffmpeg, clip_path, duration_s=clip.duration_s, width=clip.width, height=clip.height, fps=clip.fps
     )
     source = await probe(clip_path)
-    print(
-        f"\n== {clip.name}: {clip.duration_s:g} s of {clip.width}x{clip.height}@{clip.fps}, ladder {clip.ladder}"
-    )
+    size = f"{clip.width}x{clip.height}@{clip.fps}"
+    print(f"\n== {clip.name}: {clip.duration_s:g} s of {size}, ladder {clip.ladder}")
     limits, oneshots = [], []
     out = folder / "out"
     for index in range(args.rounds):

@@ -223,7 +223,8 @@ async def test_a_ladder_parent_keeps_its_rungs_for_their_jobs_which_neither_down
     top = await runner.run(JobType.VOD_HLS, payload(240, 25, separated_audio=True, ladder=child), {})
     assert runner.fetched == []
     info = await probe(web.files["videoFile"])
-    assert info.video is not None and (info.video.width, info.video.height) == (160, 120)
+    assert info.video is not None
+    assert (info.video.width, info.video.height) == (160, 120)
     assert info.video.fps == pytest.approx(15, abs=0.01)
     assert info.audio is not None
     assert video_packets(hls.files["videoFile"]) == video_packets(web.files["videoFile"])
@@ -245,7 +246,8 @@ async def test_a_rung_job_on_a_runner_without_the_ladder_encodes_from_its_input(
         )
         assert other.fetched == [VIDEO_URL]
         info = await probe(web.files["videoFile"])
-        assert info.video is not None and info.video.height == 144
+        assert info.video is not None
+        assert info.video.height == 144
 
 
 async def test_a_failing_ladder_leaves_the_parent_encoding_its_own_rendition(
@@ -256,7 +258,8 @@ async def test_a_failing_ladder_leaves_the_parent_encoding_its_own_rendition(
     ladder = {"id": LADDER, "rungs": [{"resolution": 1, "fps": 25}]}
     parent = await runner.run(JobType.VOD_WEB_VIDEO, payload(144, 25, ladder=ladder), {VIDEO_URL: clip})
     info = await probe(parent.files["videoFile"])
-    assert info.video is not None and info.video.height == 144
+    assert info.video is not None
+    assert info.video.height == 144
     assert info.duration_s == pytest.approx(2.0, abs=0.1)
     rung = EncodeKey.of_rung("http://tube.test", VIDEO, LADDER, 1, 25, [])
     assert encodes.take(rung, tmp_path / "nothing.mp4") is None
