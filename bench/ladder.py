@@ -91,18 +91,16 @@ async def limit_once(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) 
     ]
     elapsed = run(ffmpeg, ladder_command(source, rungs, settings=settings), folder)
     for rung in rungs:
-        info = await probe(rung.output)
         args = hls_remux_command(
-            info,
+            rung.output,
             folder / f"{rung.resolution}.m3u8",
             folder / f"{rung.resolution}-fragmented.mp4",
             with_video=True,
             with_audio=False,
         )
         elapsed += run(ffmpeg, args, folder)
-    top_info = await probe(rungs[0].output)
     audio = hls_remux_command(
-        top_info, folder / "0.m3u8", folder / "0-fragmented.mp4", with_video=False, with_audio=True
+        rungs[0].output, folder / "0.m3u8", folder / "0-fragmented.mp4", with_video=False, with_audio=True
     )
     return elapsed + run(ffmpeg, audio, folder)
 

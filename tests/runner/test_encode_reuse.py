@@ -16,6 +16,7 @@ import av
 import pytest
 
 from tuberunner.media.binaries import find_ffmpeg
+from tuberunner.media.commands import EncodeSettings, LadderRung, ladder_command, web_video_command
 from tuberunner.media.probe import AudioInfo, KeyframeSpacing, MediaInfo, VideoInfo, keyframe_spacing, probe
 from tuberunner.media.samples import make_sample_clip
 from tuberunner.media.stream_copy import hls_copy_problem
@@ -141,6 +142,24 @@ def test_an_input_that_is_the_rendition_is_copied() -> None:
     surround = described(audio_channels=6, audio_channel_layout="5.1")
     assert hls_copy_problem(surround, None, resolution=0, fps=0, with_audio=True) is not None
     assert hls_copy_problem(surround, GOOD_KEYS, resolution=720, fps=30, with_audio=True) is not None
+
+
+def test_a_ladder_encodes_each_rung_with_exactly_the_options_of_its_web_video() -> None:
+    info, settings = described(), EncodeSettings(threads=2)
+    rungs = [LadderRung(720, 30, Path("/out/720.mp4")), LadderRung(480, 30, Path("/out/480.mp4"))]
+    ladder = ladder_command(info, rungs, settings=settings)
+    graph = ladder[ladder.index("-filter_complex") + 1]
+    assert graph.count("[0:v:0]") == 1  # one decode
+    start = ladder.index("/out/720.mp4") + 1
+    for index, rung in enumerate(rungs):
+        alone = web_video_command(info, rung.output, resolution=rung.resolution, fps=30, settings=settings)
+        outputs = alone[alone.index("-map") :]
+        scale = outputs.index("-vf")
+        assert f"[split{index}]scale={outputs[scale + 1].removeprefix('scale=')}[rung{index}]" in graph
+        del outputs[scale : scale + 2]
+        outputs[outputs.index("0:v:0")] = f"[rung{index}]"
+        part = ladder[:start] if index == 0 else ladder[start:]
+        assert part[part.index("-map") :] == outputs
 
 
 async def test_keyframe_spacing_reads_the_gop(clip: Path) -> None:

@@ -205,26 +205,27 @@ def ladder_command(
 
 
 def hls_remux_command(
-    source: MediaInfo, playlist: Path, fragmented_file: Path, *, with_video: bool, with_audio: bool
+    source: Path, playlist: Path, fragmented_file: Path, *, with_video: bool, with_audio: bool
 ) -> list[str]:
     """An HLS rendition packaged from an MP4 that already holds its streams (`-c copy`, nothing encoded):
     the same playlist and single fragmented MP4 as `hls_command`. PeerTube packages its own HLS this way
     when the input can be copied (its `presetCopy`). Video and audio are copied together, never one of
     them encoded next to the other copied (that desynchronised PeerTube's audio, issue #6438).
-    After the run, call `fix_hls_playlist(playlist)`.
+
+    `with_video` maps the first video stream (ffmpeg fails without one); `with_audio` the first audio
+    stream, if there is one next to the video (a silent source gives a video-only rendition, as the encode
+    would), and it is required for an audio-only rendition. After the run, call `fix_hls_playlist(playlist)`.
     """
     if fragmented_file.parent != playlist.parent:
         raise ValueError("the fragmented MP4 must sit next to its playlist, which names it by its bare name")
-    if with_video and source.video is None:
-        raise NoVideoStream(f"{source.path.name} has no video stream to package")
+    if not (with_video or with_audio):
+        raise ValueError("a rendition has video, audio or both")
     options = ["-map", "0:v:0"] if with_video else []
-    if with_audio and source.audio is not None:
-        options += ["-map", "0:a:0"]
-    if not options:
-        raise NoAudioStream(f"{source.path.name} has no audio stream for an audio-only rendition")
+    if with_audio:
+        options += ["-map", "0:a:0?" if with_video else "0:a:0"]
     return [
         *_prefix(),
-        *_input(source.path),
+        *_input(source),
         *options,
         "-c",
         "copy",

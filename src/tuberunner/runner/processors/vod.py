@@ -129,7 +129,7 @@ async def hls(ctx: JobContext) -> JobOutput:
     fragmented = ctx.work_dir / f"{ctx.job.uuid}-{resolution}-fragmented.mp4"
     with_audio = resolution == AUDIO_ONLY_RESOLUTION or not payload.output.separatedAudio
 
-    async def package(source: MediaInfo, duration_s: float) -> JobOutput:
+    async def package(source: Path, duration_s: float) -> JobOutput:
         with_video = resolution != AUDIO_ONLY_RESOLUTION
         args = hls_remux_command(source, playlist, fragmented, with_video=with_video, with_audio=with_audio)
         await run_encode(ctx, args, duration_s=duration_s, what=what, check_output=fragmented)
@@ -140,7 +140,7 @@ async def hls(ctx: JobContext) -> JobOutput:
     kept = _take_rung(ctx, payload.input, payload.tuberunnerLadder, resolution, fps, stem)
     if kept is not None:
         log.info("%s: packaging the rung this runner already encoded", what)
-        return await package(await probe_input(kept.path, "kept encode"), kept.duration_s)
+        return await package(kept.path, kept.duration_s)
     video, audio = await _video_inputs(ctx, payload.input)
     _needs_video(video, resolution, what)
     if ctx.encodes is not None and resolution != AUDIO_ONLY_RESOLUTION and video.video is not None:
@@ -148,12 +148,12 @@ async def hls(ctx: JobContext) -> JobOutput:
         kept = ctx.encodes.take(key, stem)
         if kept is not None:
             log.info("%s: packaging the web video this runner encoded from the same input", what)
-            return await package(await probe_input(kept.path, "kept encode"), kept.duration_s)
+            return await package(kept.path, kept.duration_s)
     if audio is None or not with_audio:
         problem = await _copy_problem(video, resolution, fps, with_audio)
         if problem is None:
             log.info("%s: the input already is this rendition; packaging it without encoding", what)
-            return await package(video, video.duration_s)
+            return await package(video.path, video.duration_s)
         log.debug("%s: encoding (the input cannot be copied: %s)", what, problem)
     try:
         args = hls_command(
