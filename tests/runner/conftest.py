@@ -159,7 +159,14 @@ async def start_supervisor(tmp_path: Path) -> AsyncIterator[StartSupervisor]:
     ) -> SupervisorHarness:
         table = processors or {JobType.VOD_WEB_VIDEO: processor or FakeProcessor(wait=False)}
         kwargs: dict[str, Any] = {}
-        for name in ("client_factory", "state_file", "reload_config", "flag_instance", "runner_id"):
+        for name in (
+            "client_factory",
+            "state_file",
+            "reload_config",
+            "flag_instance",
+            "runner_id",
+            "holds_video",
+        ):
             if name in overrides:
                 kwargs[name] = overrides.pop(name)
         config = replace(FAST, instances=tuple(instances), **overrides)

@@ -218,3 +218,25 @@ async def test_start_up_sweeps_leftovers_of_a_crash(
     supervisor = harness.supervisor
     assert await supervisor.wait_for(lambda: bool(supervisor.workers), WAIT_S)
     assert list((tmp_path / "work-0").iterdir()) == []
+
+
+async def test_offers_of_a_video_whose_files_the_runner_holds_are_taken_first(
+    coordinator: RunningCoordinator, start_supervisor: StartSupervisor
+) -> None:
+    instance = await register(coordinator, "prefers")
+    jobs = [await seed_job(coordinator) for _ in range(3)]
+    held = await job_of(coordinator, jobs[2])
+    assert held is not None
+    held_video = held.private_payload["videoUUID"]
+    asked: list[tuple[str, str]] = []
+
+    def holds_video(instance_url: str, video_uuid: str) -> bool:
+        asked.append((instance_url, video_uuid))
+        return video_uuid == held_video
+
+    processor = FakeProcessor()
+    await start_supervisor([instance], processor, concurrency=1, holds_video=holds_video)
+    await asyncio.wait_for(processor.started.wait(), WAIT_S)
+    assert processor.contexts[0].job.uuid == jobs[2]
+    assert (instance.url, held_video) in asked
+    processor.release.set()
