@@ -109,6 +109,26 @@ def test_payload_shapes_follow_the_protocol() -> None:
     assert all(set(s.private_payload) == {"videoUUID", "isNewVideo", "deleteWebVideoFiles"} for s in hls)
 
 
+def test_the_parent_names_the_lower_rungs_and_every_rung_job_names_the_parent() -> None:
+    specs = graph(media(fps=60), resolutions=(720, 480, 240), split_audio=True)
+    parent = next(s for s in specs if s.parent_uuid is None)
+    assert parent.payload["tuberunnerLadder"] == {
+        "id": parent.uuid,
+        "rungs": [{"resolution": 480, "fps": 30}, {"resolution": 240, "fps": 30}],
+    }
+    for spec in specs:
+        if spec is parent:
+            continue
+        if spec.type in (WEB, HLS) and out(spec)[0] > 0:
+            assert spec.payload["tuberunnerLadder"] == {"id": parent.uuid}
+        else:  # the audio-only rendition, storyboard, transcription: nothing to share
+            assert "tuberunnerLadder" not in spec.payload
+        parse_payload(spec.type, spec.payload)
+    # An audio upload's parent merges audio and a picture: no ladder at all.
+    audio_specs = graph(media(video=False))
+    assert all("tuberunnerLadder" not in s.payload for s in audio_specs)
+
+
 def test_split_audio_adds_an_audio_only_rendition_after_the_max_hls() -> None:
     specs = graph(media(), split_audio=True)
 
