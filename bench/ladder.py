@@ -18,9 +18,12 @@ Quality (`--no-vmaf` skips it): each output of the last one-shot run against *to
 rung*, the outputs the PeerTube-shaped pipeline made before encodes were shared, rebuilt here with the
 very commands of that pipeline: the max-resolution web video from the clip, each lower web video and every
 HLS rendition encoded from that max-resolution file. VMAF (libvmaf, every 3rd frame) is printed per output
-with what replaced the encode: `remux` (the same encode packaged again, or the input copied: >= 99
-expected) or `ladder` (the rung encoded from the clip in the ladder instead of from the max-resolution
-file: >= 95 expected). libvmaf comes from the ffmpeg of the `imageio-ffmpeg` wheel (Debian's 5.1 has none);
+with what replaced the encode: `same encode`, `input copied` (the max-resolution HLS rendition is the
+max-resolution file packaged, where today's was a second encode of it), `ladder rung` (encoded from the
+clip in the ladder instead of from the max-resolution file: >= 95 expected), and, to tell which one lost
+quality, both outputs against the clip itself. Last, the remux every runner does on any server: today's
+HLS encode of a rung against the web video of the same rung it now packages instead (>= 99 expected).
+libvmaf comes from the ffmpeg of the `imageio-ffmpeg` wheel (Debian's 5.1 has none);
 the encodes use the ffmpeg the runner would (FFMPEG_PATH, else the system's).
 
 The script prints numbers and never fails on them; it exits 2 only when the setup itself breaks.
@@ -162,7 +165,11 @@ def new_outputs(out: Path) -> dict[str, Path]:
 
 
 def vmaf(vmaf_ffmpeg: Path, distorted: Path, reference: Path) -> float | None:
-    graph = f"[0:v][1:v]libvmaf=n_subsample={VMAF_SUBSAMPLE}:n_threads={os.cpu_count() or 1}"
+    """VMAF of `distorted` with `reference` (scaled to its size when they differ) as the reference."""
+    graph = (
+        "[1:v][0:v]scale2ref=flags=bicubic[ref][dist];"
+        f"[dist][ref]libvmaf=n_subsample={VMAF_SUBSAMPLE}:n_threads={os.cpu_count() or 1}"
+    )
     answer = subprocess.run(
         [
             os.fspath(vmaf_ffmpeg),
@@ -230,15 +237,31 @@ async def bench_clip(args: argparse.Namespace, ffmpeg: Path, clip: Clip, root: P
     today = await todays_encodes(ffmpeg, source, clip, folder / "today")
     produced = new_outputs(out)
     top = clip.ladder[0]
-    print("VMAF of the one-shot's outputs against today's encode of the same rung:")
+    print(
+        "VMAF of the one-shot's outputs against today's encode of the same rung; then each of the two "
+        "against the clip (scaled to the rung):"
+    )
+    print(f"  {'output':9s} {'made by':18s} {'vs today':>9s} {'new/clip':>9s} {'today/clip':>11s}")
     for name, reference in today.items():
         kind, resolution = name.split()
-        how = "remux" if kind == "hls" and int(resolution) == top else "ladder"
-        if kind == "web" and int(resolution) == top:
-            how = "same encode"
-        score = vmaf(vmaf_ffmpeg, produced[name], reference) if name in produced else None
-        shown = f"{score:6.2f}" if score is not None else "   n/a"
-        print(f"  {name:9s} {how:12s} VMAF {shown}")
+        if int(resolution) == top:
+            how = "same encode" if kind == "web" else "input copied"
+        else:
+            how = "ladder rung"
+        new = produced.get(name)
+        scores = [
+            vmaf(vmaf_ffmpeg, new, reference) if new else None,
+            vmaf(vmaf_ffmpeg, new, clip_path) if new else None,
+            vmaf(vmaf_ffmpeg, reference, clip_path),
+        ]
+        shown = " ".join(f"{score:9.2f}" if score is not None else "      n/a" for score in scores)
+        print(f"  {name:9s} {how:18s} {shown}")
+    print("Any server: an HLS rendition packaged from the kept web video of the same input and settings,")
+    print("against today's HLS encode of that rung:")
+    for rung in clip.ladder[1:]:
+        score = vmaf(vmaf_ffmpeg, today[f"web {rung}"], today[f"hls {rung}"])
+        kept = f"{score:9.2f}" if score is not None else "      n/a"
+        print(f"  hls {rung:<5d} kept web video     {kept}")
 
 
 async def main() -> int:

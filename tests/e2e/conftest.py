@@ -38,6 +38,7 @@ from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.media.samples import make_sample_clip
 from tuberunner.protocol.jobs import JobState, JobType
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
+from tuberunner.runner.encode_cache import EncodeCache
 from tuberunner.runner.input_cache import InputCache
 from tuberunner.runner.job import AcceptedJob, InputFetcher, ProcessingSettings
 from tuberunner.runner.processors import PROCESSORS, supports
@@ -319,8 +320,10 @@ async def start_runner(tmp_path: Path) -> AsyncIterator[StartRunner]:
         *,
         flag_instance: Callable[[InstanceConfig], None] | None = None,
         reload_config: Callable[[], RunnerConfig | None] | None = None,
+        keep_encodes: bool = True,
         **overrides: Any,
     ) -> Runner:
+        """`keep_encodes=False`: a runner that reuses no encode (like an official runner)."""
         config = replace(E2E, instances=tuple(instances), **overrides)
         root = tmp_path / f"runner-{len(runners)}"
         clients = JobClients()
@@ -335,6 +338,9 @@ async def start_runner(tmp_path: Path) -> AsyncIterator[StartRunner]:
         def inputs(job: AcceptedJob, work_dir: Path) -> contextlib.AbstractAsyncContextManager[InputFetcher]:
             return cache.inputs_for(job)
 
+        encodes = (
+            EncodeCache(root / "inputs", max_bytes=config.input_cache_max_bytes) if keep_encodes else None
+        )
         supervisor = Supervisor(
             config,
             work_dir=root / "jobs",
@@ -346,6 +352,10 @@ async def start_runner(tmp_path: Path) -> AsyncIterator[StartRunner]:
             inputs=inputs,
             flag_instance=flag_instance,
             reload_config=reload_config,
+            encodes=encodes,
+            holds_video=lambda url, video: (
+                cache.holds_video(video) or (encodes is not None and encodes.holds_video(url, video))
+            ),
         )
         runner = Runner(supervisor, asyncio.create_task(supervisor.run()), root)
         runners.append(runner)

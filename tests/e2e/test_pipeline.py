@@ -5,8 +5,10 @@ playlists that parse and only reference files the coordinator serves."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -16,6 +18,7 @@ from tests.coordinator.test_ingest_support import upload_ok, video_json
 from tests.e2e.conftest import (
     JobChanges,
     Media,
+    Runner,
     StartRunner,
     admin,
     coordinator_files_clean,
@@ -30,7 +33,7 @@ from tests.e2e.conftest import (
 )
 from tests.support.servers import RunningCoordinator
 from tuberunner.media.probe import MediaInfo, probe
-from tuberunner.protocol.jobs import JobState
+from tuberunner.protocol.jobs import JobState, JobType
 from tuberunner.runner.state import read_state
 
 # The upload is 320x180: the ladder asked for is 144p, plus the input's own 180p (PeerTube's "always
@@ -144,6 +147,10 @@ async def test_an_upload_goes_through_the_whole_job_graph_and_its_outputs_play(
             assert runner.outcomes(job["uuid"]) == ["succeeded"]
         runner.assert_idle_and_clean()
         coordinator_files_clean(coordinator.config)
+        # Encoded once: the parent made the 144p rung too; web 144, HLS 144 and HLS 180 reused the kept files.
+        encodes = runner.supervisor.encodes
+        assert encodes is not None
+        assert encodes.stats.reused == 3
 
         # Web videos: H.264 + AAC at each resolution, same duration as the upload.
         outputs = video["outputs"]
@@ -277,3 +284,56 @@ async def test_a_storyboard_job_makes_a_sprite_sheet_of_the_payloads_grid(
         sprites["size"]["width"] * sprites["count"]["width"],
         sprites["size"]["height"] * sprites["count"]["height"],
     )
+
+
+async def test_in_a_mixed_fleet_rung_jobs_run_anywhere_and_the_video_publishes(
+    coordinator: RunningCoordinator, start_runner: StartRunner, media: Media, tmp_path: Path
+) -> None:
+    """One runner takes the web videos and keeps the ladder's rungs; another, that keeps nothing (as an
+    official runner), takes the HLS jobs and makes them from the max-quality file itself."""
+    web_runner = await start_runner(
+        [await register(coordinator.url, "web")], enabled_job_types=frozenset({JobType.VOD_WEB_VIDEO})
+    )
+    hls_runner = await start_runner(
+        [await register(coordinator.url, "hls")],
+        enabled_job_types=frozenset({JobType.VOD_HLS}),
+        keep_encodes=False,
+    )
+    await idle(web_runner)
+    await idle(hls_runner)
+    async with admin(coordinator.url) as http:
+        video_uuid = await upload_ok(
+            http,
+            media.upload,
+            resolutions="144",
+            hls="true",
+            webVideo="true",
+            splitAudio="true",
+            storyboard="false",
+        )
+        listed = (await video_json(http, video_uuid))["jobs"]["list"]
+        await web_runner.wait_for(finished_all(web_runner, listed, JobType.VOD_WEB_VIDEO))
+        await hls_runner.wait_for(finished_all(hls_runner, listed, JobType.VOD_HLS))
+        video = await video_json(http, video_uuid)
+    assert video["state"] == "published", video["errors"]
+    encodes = web_runner.supervisor.encodes
+    assert encodes is not None
+    assert encodes.stats.reused == 1  # web 144 took its rung; the HLS jobs ran on the other runner
+    hls_jobs = [j for j in video["jobs"]["list"] if j["type"] == "vod-hls-transcoding"]
+    assert len(hls_jobs) == 3
+    for job in hls_jobs:
+        assert hls_runner.outcomes(job["uuid"]) == ["succeeded"]
+    for rendition in video["outputs"]["hls"]["renditions"]:
+        info = await probe(await fetch_to_new(rendition["videoUrl"], tmp_path, coordinator.url))
+        if rendition["resolution"]:
+            assert_video(info, rendition["resolution"])
+
+
+async def fetch_to_new(url: str, folder: Path, base: str) -> Path:
+    async with admin(base) as http:
+        return await fetch_to(http, url, folder / url.rsplit("/", 1)[-1])
+
+
+def finished_all(runner: Runner, listed: list[dict[str, Any]], job_type: JobType) -> Callable[[], bool]:
+    uuids = [job["uuid"] for job in listed if job["type"] == job_type]
+    return lambda: all(runner.finished(uuid)() for uuid in uuids)

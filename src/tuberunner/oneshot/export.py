@@ -11,6 +11,7 @@ OUT/
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -63,27 +64,33 @@ async def export_outputs(http: httpx.AsyncClient, video: dict[str, Any], out: Pa
     result = ExportResult()
     outputs = video["outputs"]
     name = _safe_name(video.get("name") or video["uuid"])
-    web_videos = []
-    for item in outputs.get("webVideos", []):
+
+    # Files are fetched and probed side by side: each probe is a child process that mostly starts up.
+    async def web_video(item: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
         dest = await _download(http, item["url"], out / f"{name}-{item['resolution']}p.mp4")
-        result.files.append(dest)
-        web_videos.append(await _describe(dest, out, resolution=item["resolution"], fps=item["fps"]))
+        return [dest], await _describe(dest, out, resolution=item["resolution"], fps=item["fps"])
+
+    web_videos = []
+    for files, described in await asyncio.gather(*map(web_video, outputs.get("webVideos", []))):
+        result.files += files
+        web_videos.append(described)
     hls: dict[str, Any] | None = None
     if outputs.get("hls") and outputs["hls"].get("masterPlaylistUrl"):
         folder = out / "hls"
         # Names are kept: the playlists refer to each other and to the fragmented MP4s by these names.
         master = await _download(http, outputs["hls"]["masterPlaylistUrl"], folder / "master.m3u8")
         result.files.append(master)
+
+        async def rendition(item: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
+            files = [await _download(http, item["videoUrl"], folder / _basename(item["videoUrl"]))]
+            if playlist_url := item.get("playlistUrl"):
+                files.append(await _download(http, playlist_url, folder / _basename(playlist_url)))
+            return files, await _describe(files[0], out, resolution=item["resolution"], fps=item["fps"])
+
         renditions = []
-        for item in outputs["hls"]["renditions"]:
-            video_file = await _download(http, item["videoUrl"], folder / _basename(item["videoUrl"]))
-            result.files.append(video_file)
-            if item.get("playlistUrl"):
-                playlist = await _download(http, item["playlistUrl"], folder / _basename(item["playlistUrl"]))
-                result.files.append(playlist)
-            renditions.append(
-                await _describe(video_file, out, resolution=item["resolution"], fps=item["fps"])
-            )
+        for files, described in await asyncio.gather(*map(rendition, outputs["hls"]["renditions"])):
+            result.files += files
+            renditions.append(described)
         _point_master_at_local_names(master, outputs["hls"])
         hls = {"master": master.relative_to(out).as_posix(), "renditions": renditions}
     storyboards = []

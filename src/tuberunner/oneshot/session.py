@@ -34,7 +34,8 @@ from tuberunner.runner.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".tuberunner"
-_POLL_S = 0.5
+# The video's state, over loopback: cheap, and the run ends at most this long after the last job.
+_POLL_S = 0.2
 _FINAL_STATES = frozenset({"published", "failed", "cancelled"})
 
 
