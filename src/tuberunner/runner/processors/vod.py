@@ -20,6 +20,7 @@ Nothing is encoded twice when the result would be the same (the runner's `Encode
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -105,11 +106,17 @@ async def web_video(ctx: JobContext) -> JobOutput:
         and await _encode_ladder(ctx, payload.input, ladder, video, audio, output, resolution, fps, what)
     ):
         return JobOutput(files={"videoFile": _produced(output, what)})
-    await run_encode(ctx, args, duration_s=video.duration_s, what=what, check_output=output)
+    encode = run_encode(ctx, args, duration_s=video.duration_s, what=what, check_output=output)
     video_uuid = _video_uuid(payload.input)
-    if ctx.encodes is not None and resolution != AUDIO_ONLY_RESOLUTION:
-        key = await _command_key(ctx, payload.input, video, audio, resolution, fps)
-        ctx.encodes.put(key, output, duration_s=video.duration_s)
+    if ctx.encodes is None or resolution == AUDIO_ONLY_RESOLUTION:
+        await encode
+    else:
+        # The inputs' checksums (a thread reading the files) are computed while ffmpeg encodes; that
+        # side never raises, so an encode failure is the one error gather passes on.
+        keying = _command_key(ctx, payload.input, video, audio, resolution, fps)
+        _, key = await asyncio.gather(encode, keying)
+        if key is not None:
+            ctx.encodes.put(key, output, duration_s=video.duration_s)
         if ladder is not None and video_uuid is not None:
             # A rung of a ladder encoded alone (the parent serves the max-resolution HLS job this way).
             rung = _rung_key(ctx, video_uuid, ladder, resolution, fps)
@@ -145,7 +152,7 @@ async def hls(ctx: JobContext) -> JobOutput:
     _needs_video(video, resolution, what)
     if ctx.encodes is not None and resolution != AUDIO_ONLY_RESOLUTION and video.video is not None:
         key = await _command_key(ctx, payload.input, video, audio, resolution, fps)
-        kept = ctx.encodes.take(key, stem)
+        kept = ctx.encodes.take(key, stem) if key is not None else None
         if kept is not None:
             log.info("%s: packaging the web video this runner encoded from the same input", what)
             return await package(kept.path, kept.duration_s)
@@ -237,8 +244,9 @@ async def _command_key(
     audio: MediaInfo | None,
     resolution: int,
     fps: int,
-) -> EncodeKey:
-    """The key of the web video (`resolution`, `fps`) of these inputs: their checksums and the command."""
+) -> EncodeKey | None:
+    """The key of the web video (`resolution`, `fps`) of these inputs: their checksums and the command.
+    None when an input cannot be read for its checksum (the job then keeps and reuses nothing)."""
     assert ctx.encodes is not None
     placeholder = Path("/output.mp4")
     args = web_video_command(
@@ -246,9 +254,13 @@ async def _command_key(
     )
     paths = {os.fspath(video.path), *([os.fspath(audio.path)] if audio else [])}
     args = ["<input>" if arg in paths else arg for arg in args]
-    checksums = [await ctx.encodes.input_sha256(video.path)]
-    if audio is not None:
-        checksums.append(await ctx.encodes.input_sha256(audio.path))
+    try:
+        checksums = [await ctx.encodes.input_sha256(video.path)]
+        if audio is not None:
+            checksums.append(await ctx.encodes.input_sha256(audio.path))
+    except OSError as exc:
+        log.warning("no checksum of %s (%s): its encodes are not kept", video.path.name, exc)
+        return None
     return EncodeKey.of_command(
         ctx.job.instance_url, _video_uuid(inputs) or "", checksums, ctx.settings.ffmpeg, args
     )
