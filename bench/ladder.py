@@ -12,7 +12,9 @@ For each generated clip (30 s of 1280x720 and of 1920x1080 at 30 fps, `testsrc2`
 * **one-shot**: `tuberunner transcode CLIP -o OUT --resolutions ... --runners N` as a child process, wall
   time from start to exit (embedded coordinator and runners start-up, every job, the export).
 
-It prints each round, the medians and their ratio (target: one-shot <= 1.15 x the limit).
+It prints each round, the medians and their ratio (target: one-shot <= 1.15 x the limit), and the CPU time
+(user + system, of every process involved) of both sides: on a machine shared with other work the wall
+times wander with the load, the CPU time much less, and its ratio says how much work the pipeline adds.
 
 Quality (`--no-vmaf` skips it): each output of the last one-shot run against *today's encode of the same
 rung*, the outputs the PeerTube-shaped pipeline made before encodes were shared, rebuilt here with the
@@ -36,6 +38,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,13 +81,33 @@ FULL = (Clip("720p", 1280, 720, 30), Clip("1080p", 1920, 1080, 30))
 QUICK = (Clip("360p", 640, 360, 8),)
 
 
-def run(ffmpeg: Path, args: list[str], cwd: Path) -> float:
-    started = time.monotonic()
-    subprocess.run([os.fspath(ffmpeg), *args], cwd=cwd, check=True, capture_output=True)
-    return time.monotonic() - started
+@dataclass
+class Cost:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + system of the process and every descendant it waited for
+
+    def __iadd__(self, other: Cost) -> Cost:
+        self.wall_s += other.wall_s
+        self.cpu_s += other.cpu_s
+        return self
 
 
-async def limit_once(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) -> float:
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(command: list[str], cwd: Path | None = None) -> Cost:
+    cpu, started = children_cpu_s(), time.monotonic()
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True)
+    return Cost(time.monotonic() - started, children_cpu_s() - cpu)
+
+
+def run(ffmpeg: Path, args: list[str], cwd: Path) -> Cost:
+    return measured([os.fspath(ffmpeg), *args], cwd)
+
+
+async def limit_once(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) -> Cost:
     folder.mkdir(parents=True, exist_ok=True)
     settings = EncodeSettings()
     top = clip.ladder[0]
@@ -92,7 +115,7 @@ async def limit_once(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) 
         LadderRung(r, compute_output_fps(clip.fps, r, r == top), folder / f"rung-{r}.mp4")
         for r in clip.ladder
     ]
-    elapsed = run(ffmpeg, ladder_command(source, rungs, settings=settings), folder)
+    cost = run(ffmpeg, ladder_command(source, rungs, settings=settings), folder)
     for rung in rungs:
         args = hls_remux_command(
             rung.output,
@@ -101,16 +124,16 @@ async def limit_once(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) 
             with_video=True,
             with_audio=False,
         )
-        elapsed += run(ffmpeg, args, folder)
+        cost += run(ffmpeg, args, folder)
     audio = hls_remux_command(
         rungs[0].output, folder / "0.m3u8", folder / "0-fragmented.mp4", with_video=False, with_audio=True
     )
-    return elapsed + run(ffmpeg, audio, folder)
+    cost += run(ffmpeg, audio, folder)
+    return cost
 
 
-def oneshot_once(clip_path: Path, clip: Clip, out: Path, runners: int) -> float:
-    started = time.monotonic()
-    subprocess.run(
+def oneshot_once(clip_path: Path, clip: Clip, out: Path, runners: int) -> Cost:
+    return measured(
         [
             sys.executable,
             "-m",
@@ -123,11 +146,8 @@ def oneshot_once(clip_path: Path, clip: Clip, out: Path, runners: int) -> float:
             ",".join(str(r) for r in clip.ladder),
             "--runners",
             str(runners),
-        ],
-        check=True,
-        capture_output=True,
+        ]
     )
-    return time.monotonic() - started
 
 
 async def todays_encodes(ffmpeg: Path, source: MediaInfo, clip: Clip, folder: Path) -> dict[str, Path]:
@@ -210,7 +230,8 @@ async def bench_clip(args: argparse.Namespace, ffmpeg: Path, clip: Clip, root: P
     source = await probe(clip_path)
     size = f"{clip.width}x{clip.height}@{clip.fps}"
     print(f"\n== {clip.name}: {clip.duration_s:g} s of {size}, ladder {clip.ladder}")
-    limits, oneshots = [], []
+    limits: list[Cost] = []
+    oneshots: list[Cost] = []
     out = folder / "out"
     for index in range(args.rounds):
         limit = await limit_once(ffmpeg, source, clip, folder / f"limit-{index}")
@@ -220,13 +241,18 @@ async def bench_clip(args: argparse.Namespace, ffmpeg: Path, clip: Clip, root: P
         oneshots.append(oneshot)
         load = os.getloadavg()[0]
         print(
-            f"round {index + 1}: limit {limit:6.2f} s   one-shot {oneshot:6.2f} s   "
-            f"ratio {oneshot / limit:.2f}   (load {load:.1f})"
+            f"round {index + 1}: limit {limit.wall_s:6.2f} s   one-shot {oneshot.wall_s:6.2f} s   "
+            f"ratio {oneshot.wall_s / limit.wall_s:.2f}   "
+            f"CPU {limit.cpu_s:6.1f} s vs {oneshot.cpu_s:6.1f} s: {oneshot.cpu_s / limit.cpu_s:.2f}   "
+            f"(load {load:.1f})"
         )
-    limit, oneshot = statistics.median(limits), statistics.median(oneshots)
+    limit_s = statistics.median(c.wall_s for c in limits)
+    oneshot_s = statistics.median(c.wall_s for c in oneshots)
+    best = min(c.wall_s for c in oneshots) / min(c.wall_s for c in limits)
+    cpu = statistics.median(c.cpu_s for c in oneshots) / statistics.median(c.cpu_s for c in limits)
     print(
-        f"median: limit {limit:.2f} s, one-shot {oneshot:.2f} s: ratio {oneshot / limit:.2f} "
-        f"(target <= {TARGET_RATIO}); best of {args.rounds}: {min(oneshots) / min(limits):.2f}"
+        f"median: limit {limit_s:.2f} s, one-shot {oneshot_s:.2f} s: ratio {oneshot_s / limit_s:.2f} "
+        f"(target <= {TARGET_RATIO}); best of {args.rounds}: {best:.2f}; CPU time ratio {cpu:.2f}"
     )
     if args.no_vmaf:
         return
