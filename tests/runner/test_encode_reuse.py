@@ -88,8 +88,12 @@ def payload(
 
 
 def video_packets(path: Path) -> list[str]:
+    return packets(path, "video")
+
+
+def packets(path: Path, kind: str) -> list[str]:
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[0] if kind == "video" else container.streams.audio[0]
         return [hashlib.sha256(bytes(p)).hexdigest() for p in container.demux(stream) if p.size]
 
 
@@ -183,6 +187,17 @@ async def test_hls_of_an_input_that_already_is_the_rendition_is_packaged_not_enc
     assert info.audio is None
     assert info.duration_s == pytest.approx(2.0, abs=0.1)
     assert "#EXT-X-ENDLIST" in output.files["resolutionPlaylistFile"].read_text()
+
+
+async def test_a_rendition_with_audio_copies_both_streams_of_its_input(
+    clip: Path, settings: ProcessingSettings, tmp_path: Path
+) -> None:
+    runner = Runner(tmp_path, settings, None)
+    output = await runner.run(JobType.VOD_HLS, payload(240, 25), {VIDEO_URL: clip})
+    fragmented = output.files["videoFile"]
+    assert video_packets(fragmented) == video_packets(clip)
+    # AAC 128k stereo is what the profile copies: the same audio packets.
+    assert packets(fragmented, "audio") == packets(clip, "audio")
 
 
 async def test_hls_at_another_frame_rate_is_encoded(
