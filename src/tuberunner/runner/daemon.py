@@ -129,8 +129,8 @@ def _inputs(
 
 
 def encode_cache(config: RunnerConfig, inputs_dir: Path) -> EncodeCache | None:
-    """The runner's kept encodes, next to its inputs and with the same size budget (none when the input
-    cache is off: the encodes are kept for the jobs that would download the same inputs)."""
+    """The runner's kept encodes, next to its inputs, with a budget as large as the input cache's (none
+    when the input cache is off: the encodes are kept for the jobs that would download the same inputs)."""
     if config.input_cache_max_bytes <= 0:
         return None
     return EncodeCache(
