@@ -17,8 +17,9 @@ from it. Wall times, from the coordinator's timestamps:
 * HLS: from the parent's completion (when the HLS job became pending) to its own completion.
 
 By hand: the very command the runner builds (`tuberunner.media.commands`, same threads, same niceness), on
-the same input (the uploaded clip; for HLS, the web video the coordinator serves as the job's input), timed
-around the ffmpeg process alone, right after the same job went through the system. The ratio is the first
+the same input (the uploaded clip; for HLS, the web video the coordinator serves as the job's input, which
+the runner packages with `-c copy`: it kept that encode), timed around the ffmpeg process alone, right
+after the same job went through the system. The ratio is the first
 over the second (target: <= 1.05 on the full clip), printed per round, as the median of the rounds and as
 best of N on each side (interference from other work on the machine only ever adds time; the load average
 is printed so that a noisy run can be recognised). Because ffmpeg's own speed varies from run to run on a
@@ -54,7 +55,7 @@ from typing import Any
 import httpx
 
 from tuberunner.media.binaries import find_ffmpeg
-from tuberunner.media.commands import EncodeSettings, hls_command, web_video_command
+from tuberunner.media.commands import EncodeSettings, hls_remux_command, web_video_command
 from tuberunner.media.probe import probe
 from tuberunner.media.samples import make_sample_clip
 
@@ -362,15 +363,10 @@ class Bench:
         (web_output,) = video["outputs"]["webVideos"]
         hls_input = work / "hls-input.mp4"
         hls_input.write_bytes((await self.http.get(web_output["url"])).content)
-        hls_source = await probe(hls_input)
-        hls_args = hls_command(
-            hls_source,
-            work / "hls.m3u8",
-            work / "hls-fragmented.mp4",
-            resolution=hls["resolution"],
-            fps=hls["fps"],
-            settings=settings,
-            separated_audio=False,
+        # The runner packages the web video it encoded (it kept it) instead of encoding it again: the
+        # by-hand command is that packaging.
+        hls_args = hls_remux_command(
+            hls_input, work / "hls.m3u8", work / "hls-fragmented.mp4", with_video=True, with_audio=True
         )
         hls_by_hand = self.by_hand(hls_args, work)
         shutil.rmtree(work, ignore_errors=True)
