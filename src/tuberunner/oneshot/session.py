@@ -34,8 +34,7 @@ from tuberunner.runner.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".tuberunner"
-# The video's state, over loopback: cheap, and the run ends at most this long after the last job.
-_POLL_S = 0.2
+_POLL_S = 0.5
 _FINAL_STATES = frozenset({"published", "failed", "cancelled"})
 
 
