@@ -33,12 +33,13 @@ lint: $(STAMP)
 # ffmpeg for the tests (FFMPEG_PATH selects it): the whole suite runs on the imageio-ffmpeg binary, which every
 # install has; then, when the system has one at SYSTEM_FFMPEG (Debian's 5.1, which most PeerTube hosts have),
 # the tests whose assertions are about what ffmpeg makes or how it fails run again on it: command builders,
-# probe and process supervision (media), the processors and studio edits on real files, the one-shot outputs
-# (web videos, HLS layout, audio-only chain, a corrupt input). Left out, to keep that run near a minute:
+# probe and process supervision (media), the processors (and what they copy instead of encoding) and studio
+# edits on real files, the one-shot outputs (web videos, HLS layout, audio-only chain, a corrupt input). Left out, to keep that run near a minute:
 # protocol, coordinator, fault and chaos tests (ffmpeg is only their workload), and the one-shot tests about
 # jobs or arguments rather than outputs (interrupt/resume, bad paths, edits already covered by tests/studio).
 SYSTEM_FFMPEG ?= /usr/bin/ffmpeg
-OUTPUT_TESTS := tests/media tests/runner/test_processors.py tests/studio/test_commands.py \
+OUTPUT_TESTS := tests/media tests/runner/test_processors.py tests/runner/test_encode_reuse.py \
+	tests/studio/test_commands.py \
 	tests/studio/test_studio.py tests/oneshot/test_transcode.py \
 	--deselect tests/oneshot/test_transcode.py::test_interrupt_then_resume_redoes_no_completed_job \
 	--deselect tests/oneshot/test_transcode.py::test_missing_input_unwritable_output_and_non_video_fail_clearly
