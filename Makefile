@@ -34,7 +34,8 @@ lint: $(STAMP)
 # install has; then, when the system has one at SYSTEM_FFMPEG (Debian's 5.1, which most PeerTube hosts have),
 # the tests whose assertions are about what ffmpeg makes or how it fails run again on it: command builders,
 # probe and process supervision (media), the processors (and what they copy instead of encoding) and studio
-# edits on real files, the one-shot outputs (web videos, HLS layout, audio-only chain, a corrupt input). Left out, to keep that run near a minute:
+# edits on real files, the one-shot outputs (web videos, HLS layout, audio-only chain, a corrupt input).
+# Left out, to keep that run near a minute:
 # protocol, coordinator, fault and chaos tests (ffmpeg is only their workload), and the one-shot tests about
 # jobs or arguments rather than outputs (interrupt/resume, bad paths, edits already covered by tests/studio).
 SYSTEM_FFMPEG ?= /usr/bin/ffmpeg
