@@ -88,6 +88,41 @@ async def test_heartbeats_keep_a_job_alive_past_many_leases(
             assert await env.state(seeded.parent) == JobState.PROCESSING
 
 
+async def test_after_a_restart_a_held_job_gets_a_grace_window_then_its_lease_again(
+    tmp_path: Path, database_url: str | None, result_files: dict[str, Path]
+) -> None:
+    grace_s = 5.0
+    config = _config(tmp_path, database_url, restart_grace_s=grace_s)
+    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url) as http:
+        env = Env(running, http, result_files)
+        token = await env.register("away")
+        seeded = await env.seed(children=0)
+        jt = await env.accept(token, seeded.parent)
+    # Down, then back: the runner could not renew the job meanwhile.
+    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url) as http:
+        env = Env(running, http, result_files)
+        started_at = time.time()
+        job = await env.c.jobs.get(seeded.parent)
+        assert job is not None
+        assert job.lease_expires_at is not None
+        assert job.lease_expires_at >= started_at + grace_s - 1.0  # not the 0.6 s lease
+        jobs_service = env.c.jobs
+        real = jobs_service.clock
+        # Later than the lease, earlier than the grace: the runner's first heartbeat is still in time.
+        jobs_service.clock = lambda: real() + grace_s / 2
+        try:
+            assert await jobs_service.reap_expired() == 0
+        finally:
+            jobs_service.clock = real
+        assert await env.state(seeded.parent) == JobState.PROCESSING
+        r = await http.post(
+            f"/api/v1/runners/jobs/{seeded.parent}/update", json={"runnerToken": token, "jobToken": jt}
+        )
+        assert r.status_code == 204
+        # Renewed: from now on the usual lease counts, and a silent runner loses the job after it.
+        await _wait_for_state(env, seeded.parent, JobState.PENDING)
+
+
 async def test_a_job_whose_lease_keeps_expiring_is_errored_not_requeued_forever(
     tmp_path: Path, database_url: str | None, result_files: dict[str, Path]
 ) -> None:

@@ -23,6 +23,10 @@ class CoordinatorConfig:
     default_lease_s: float = DEFAULT_LEASE_S
     # How often the reaper looks for expired leases.
     reaper_interval_s: float = 5.0
+    # After a start, processing and completing jobs keep their lease for at least this long: runners that
+    # could not reach us meanwhile need one heartbeat to renew it (15 s by default, 2 s against a server
+    # that does not push take-backs), plus margin. PeerTube's watchdog first looks 30 s after its start.
+    restart_grace_s: float = 30.0
     # A job whose lease expired this many times is errored instead of re-queued forever (spec §13.12).
     max_lease_expiries: int = 5
     max_upload_bytes: int = 20 * 1024**3

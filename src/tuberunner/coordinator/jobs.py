@@ -696,14 +696,20 @@ class JobService:
     # ---------------------------------------------------------------- leases
 
     async def extend_leases(self) -> None:
-        """At start-up: runners could not reach us while we were down; give held jobs a full lease."""
+        """At start-up: runners could not reach us while we were down. Every held job (processing, or
+        completing: its completion may be another process's) gets a full lease, and at least
+        `restart_grace_s`, so that a runner's first heartbeat after our return renews it in time."""
         now = self.clock()
         async with self.db.write() as conn:
             for job_type in JobType:
+                grace_s = max(self.config.lease_for(job_type), self.config.restart_grace_s)
                 await conn.execute(
                     update(jobs)
-                    .where(jobs.c.state == JobState.PROCESSING, jobs.c.type == str(job_type))
-                    .values(lease_expires_at=now + self.config.lease_for(job_type))
+                    .where(
+                        jobs.c.state.in_([JobState.PROCESSING, JobState.COMPLETING]),
+                        jobs.c.type == str(job_type),
+                    )
+                    .values(lease_expires_at=now + grace_s)
                 )
 
     async def reap_expired(self) -> int:
