@@ -18,7 +18,9 @@ from tests.support.protocol import store_video_file
 from tests.support.results import result_parts
 from tests.support.servers import RunningCoordinator
 from tuberunner.coordinator.models import JobSpec
-from tuberunner.protocol.jobs import JobState, JobType
+from tuberunner.protocol.jobs import JOBS_TAKEN_BACK_EVENT, PUSHES_HEADER, JobState, JobType
+from tuberunner.runner.client import InstanceClient
+from tuberunner.runner.job import AcceptedJob
 
 pytestmark = pytest.mark.asyncio
 
@@ -414,6 +416,36 @@ async def test_update_stores_progress_and_renews_the_lease(env: Env) -> None:
     assert after.lease_expires_at is not None
     assert before.lease_expires_at is not None
     assert after.lease_expires_at >= before.lease_expires_at
+
+
+@pytest.mark.parametrize("job_type", ALL_TYPES)
+async def test_the_multipart_update_of_our_runner_lands_for_every_job_type(
+    env: Env, job_type: JobType
+) -> None:
+    token = await env.register("r")
+    seeded = await env.seed(job_type, children=0)
+    jt = await env.accept(token, seeded.parent)
+    job = AcceptedJob(seeded.parent, job_type, {}, jt, env.running.url)
+    async with InstanceClient(env.running.url, token) as client:
+        await client.update(job, 61)  # multipart text fields, no payload part: 204 or it raises
+        await client.update(job)
+    stored = await env.c.jobs.get(seeded.parent)
+    assert stored is not None
+    assert (stored.state, stored.progress) == (JobState.PROCESSING, 61)
+
+
+async def test_request_and_accept_answers_say_that_taken_back_jobs_are_pushed_unless_they_are_not(
+    env: Env,
+) -> None:
+    token = await env.register("r")
+    seeded = await env.seed(children=0)
+    request = await env.http.post("/api/v1/runners/jobs/request", json={"runnerToken": token})
+    assert request.headers[PUSHES_HEADER] == JOBS_TAKEN_BACK_EVENT
+    accept = await env.http.post(f"/api/v1/runners/jobs/{seeded.parent}/accept", json={"runnerToken": token})
+    assert accept.headers[PUSHES_HEADER] == JOBS_TAKEN_BACK_EVENT
+    env.c.jobs.on_taken_back = None  # nothing sends the event any more: nothing says it would
+    request = await env.http.post("/api/v1/runners/jobs/request", json={"runnerToken": token})
+    assert PUSHES_HEADER not in request.headers
 
 
 @pytest.mark.parametrize("progress", [101, -1, "53.5", 53.5, None, "abc", True])

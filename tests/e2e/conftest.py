@@ -419,10 +419,10 @@ async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
 
 
-async def register_daemon(env: dict[str, str], url: str, name: str) -> None:
-    """`tuberunner register` with a fresh registration token."""
+async def register_daemon(env: dict[str, str], url: str, name: str, *, via: str | None = None) -> None:
+    """`tuberunner register` with a fresh registration token, through `via` (a proxy) when given."""
     token = await new_registration_token(url)
-    args = ["register", "--url", url, "--registration-token", token, "--runner-name", name]
+    args = ["register", "--url", via or url, "--registration-token", token, "--runner-name", name]
     registered = await run_cli(env, *args)
     assert registered.returncode == 0, registered.stderr
 

@@ -131,6 +131,9 @@ async def test_with_the_default_config_a_deleted_job_stops_its_ffmpeg_within_a_s
         )
     )
     ffmpeg = runner.ffmpeg()
+    run = runner.supervisor.jobs[job_uuid]
+    assert run.heartbeat is not None
+    assert run.heartbeat.interval_s == 15.0  # the coordinator pushes take-backs: no need to check often
     async with admin(coordinator.url) as http:
         deleted_at = time.monotonic()
         assert (await http.delete(f"/api/v1/runners/jobs/{job_uuid}")).status_code == 204
@@ -142,6 +145,50 @@ async def test_with_the_default_config_a_deleted_job_stops_its_ffmpeg_within_a_s
     assert runner.supervisor.finished[-1].cancel_reason is CancelReason.GONE
     runner.assert_idle_and_clean()
     assert stop_s < CLAIMED_STOP_S
+
+
+# PeerTube notices nothing to its runners when a job is deleted: only their own checks can see it.
+SILENT_CLAIMED_STOP_S = 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("coordinator_config", [{"default_lease_s": DEFAULT_LEASE_S}], indirect=True)
+async def test_with_the_default_config_a_job_deleted_silently_stops_its_ffmpeg_within_three_seconds(
+    coordinator: RunningCoordinator,
+    start_runner: StartRunner,
+    media: Media,
+    record_property: pytest.RecordProperty,
+) -> None:
+    # Like PeerTube: no `tuberunner-jobs-taken-back` event, and no header saying there would be one.
+    coordinator.coordinator.jobs.on_taken_back = None
+    instance = await register(coordinator.url, "silent")
+    runner = await start_runner([instance], **PRODUCTION)
+    # About 15 s of work at 720p.
+    job_uuid = await seed_transcode(coordinator, media.long, resolution=720)
+    # Deleted right after a heartbeat got through: the worst moment, a whole interval before the next.
+    await runner.wait_for(
+        lambda: bool(
+            (run := runner.supervisor.jobs.get(job_uuid))
+            and (run.progress or 0) > 0
+            and run.heartbeat is not None
+            and run.heartbeat.delivered >= 2
+        )
+    )
+    ffmpeg = runner.ffmpeg()
+    run = runner.supervisor.jobs[job_uuid]
+    assert run.heartbeat is not None
+    assert not run.client.pushes_taken_back
+    assert run.heartbeat.interval_s == DEFAULTS.check_interval_s
+    async with admin(coordinator.url) as http:
+        deleted_at = time.monotonic()
+        assert (await http.delete(f"/api/v1/runners/jobs/{job_uuid}")).status_code == 204
+    stop_s = await ffmpeg.ended(timeout_s=SILENT_CLAIMED_STOP_S + 2.0) - deleted_at
+    record_property("delete_to_ffmpeg_gone_silent_server_s", round(stop_s, 3))
+    print(f"delete → ffmpeg gone, server sending nothing, default config: {stop_s:.3f} s")
+    await runner.wait_for(runner.finished(job_uuid))
+    assert runner.supervisor.finished[-1].cancel_reason is CancelReason.GONE
+    runner.assert_idle_and_clean()
+    assert stop_s <= SILENT_CLAIMED_STOP_S
 
 
 @pytest.mark.slow

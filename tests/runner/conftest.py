@@ -159,14 +159,17 @@ async def start_supervisor(tmp_path: Path) -> AsyncIterator[StartSupervisor]:
     ) -> SupervisorHarness:
         table = processors or {JobType.VOD_WEB_VIDEO: processor or FakeProcessor(wait=False)}
         kwargs: dict[str, Any] = {}
-        for name in (
+        passed = (
             "client_factory",
             "state_file",
             "reload_config",
             "flag_instance",
             "runner_id",
             "holds_video",
-        ):
+            "outbox_dir",
+            "retry",
+        )
+        for name in passed:
             if name in overrides:
                 kwargs[name] = overrides.pop(name)
         config = replace(FAST, instances=tuple(instances), **overrides)

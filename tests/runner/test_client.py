@@ -94,6 +94,86 @@ async def test_each_answer_of_update_is_classified(
             assert JOB.uuid in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("response", "answered"),
+    [
+        (problem(500, "Cannot read properties of undefined"), True),
+        (httpx.Response(429, text="Too many requests"), True),
+        (httpx.Response(502, text="<html>Bad gateway</html>"), False),
+        (httpx.Response(503), False),
+        (httpx.Response(504), False),
+    ],
+    ids=["500", "429", "502", "503", "504"],
+)
+async def test_a_server_that_answers_an_error_is_told_from_one_behind_a_proxy_that_is_down(
+    response: httpx.Response, answered: bool
+) -> None:
+    async with mock_client(answer(response)) as client:
+        with pytest.raises(TransientError) as caught:
+            await client.update(JOB, 10)
+    assert caught.value.server_answered is answered
+
+
+async def test_no_answer_at_all_is_an_outage() -> None:
+    async def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    async with mock_client(refuse) as client:
+        with pytest.raises(TransientError) as caught:
+            await client.update(JOB, 10)
+    assert not caught.value.server_answered
+
+
+@pytest.mark.parametrize("progress", [37, None])
+async def test_update_is_multipart_text_fields_like_the_official_runner_without_a_payload_part(
+    progress: int | None,
+) -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    async with mock_client(handler) as client:
+        await client.update(JOB, progress)
+    (request,) = seen
+    content_type, options = parse_options_header(request.headers["content-type"])
+    assert content_type == b"multipart/form-data"
+    body = request.content
+    assert int(request.headers["content-length"]) == len(body)
+    boundary = options[b"boundary"]
+    parts = [p for p in body.split(b"--" + boundary) if p.strip(b"-\r\n")]
+    names = []
+    for part in parts:
+        head, _, value = part.strip(b"\r\n").partition(b"\r\n\r\n")
+        assert b"filename=" not in head  # text fields only: no file, no payload
+        names.append((head.split(b'name="')[1].split(b'"')[0].decode(), value.decode()))
+    expected = [("jobToken", "ptrjt-1"), ("runnerToken", "ptrt-1")]
+    if progress is not None:
+        expected.insert(0, ("progress", "37"))
+    assert names == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "pushes"),
+    [
+        ({"X-Tuberunner-Pushes": "tuberunner-jobs-taken-back"}, True),
+        ({}, False),
+        ({"X-Tuberunner-Pushes": "x"}, False),
+    ],
+    ids=["advertised", "peertube", "other-events"],
+)
+async def test_the_server_says_on_request_whether_it_pushes_taken_back_jobs(
+    headers: dict[str, str], pushes: bool
+) -> None:
+    async with mock_client(
+        answer(httpx.Response(200, json={"availableJobs": []}, headers=headers))
+    ) as client:
+        client.pushes_taken_back = not pushes
+        await client.request_jobs(frozenset({"vod-hls-transcoding"}), None)
+        assert client.pushes_taken_back is pushes
+
+
 async def test_a_429_carries_its_retry_after() -> None:
     async with mock_client(answer(httpx.Response(429, headers={"retry-after": "7"}))) as client:
         with pytest.raises(TransientError) as caught:

@@ -4,6 +4,8 @@ shutdown with work in progress, a success whose answer was lost, a config file e
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,12 +30,14 @@ from tuberunner.runner.client import AvailableJob, InstanceClient
 from tuberunner.runner.config import ConfigFile, InstanceConfig, RunnerConfig
 from tuberunner.runner.errors import JobGone, TransientError
 from tuberunner.runner.job import AcceptedJob, JobOutput
-from tuberunner.runner.supervisor import CancelReason
+from tuberunner.runner.outbox import Outbox
+from tuberunner.runner.retry import RetryPolicy
+from tuberunner.runner.supervisor import CancelReason, JobOutcome, JobPhase
 
 WAIT_S = 10.0
 
 
-async def test_a_job_whose_updates_cannot_be_delivered_is_given_up_after_the_lease(
+async def test_a_job_whose_server_cannot_be_reached_is_given_up_after_the_outage_limit(
     coordinator: RunningCoordinator, start_supervisor: StartSupervisor
 ) -> None:
     port = int(coordinator.url.rsplit(":", 1)[1])
@@ -41,7 +45,9 @@ async def test_a_job_whose_updates_cannot_be_delivered_is_given_up_after_the_lea
         instance = await register(coordinator, "cut-off", url=proxy.url)
         processor = FakeProcessor()
         await seed_job(coordinator)
-        harness = await start_supervisor([instance], processor, lease_s=1.0, update_interval_s=0.1)
+        harness = await start_supervisor(
+            [instance], processor, lease_s=0.3, outage_limit_s=1.0, update_interval_s=0.1
+        )
         await asyncio.wait_for(processor.started.wait(), WAIT_S)
         supervisor = harness.supervisor
         (run,) = supervisor.jobs.values()
@@ -51,11 +57,46 @@ async def test_a_job_whose_updates_cannot_be_delivered_is_given_up_after_the_lea
         await asyncio.wait_for(processor.cancelled.wait(), WAIT_S)
         given_up_after = time.monotonic() - cut_at
         assert run.cancel_reason is CancelReason.LEASE_EXPIRED
-        # The last delivery was at most one interval before the cut; the give-up comes right at the lease.
+        assert "no answer for 1 s" in run.cancel_detail
+        # No answer is an outage, not a refusal: the (shorter) lease does not apply. The last delivery
+        # was at most one interval before the cut; the give-up comes right at the outage limit.
         assert 0.8 <= given_up_after <= 2.0
         assert await supervisor.wait_for(lambda: not supervisor.jobs, WAIT_S)
         assert not run.work_dir.exists()
         assert supervisor.free_slots() == supervisor.config.concurrency
+
+
+async def test_a_job_whose_updates_the_server_refuses_is_given_up_after_the_lease_and_logged_as_errors(
+    coordinator: RunningCoordinator,
+    start_supervisor: StartSupervisor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    instance = await register(coordinator, "refused")
+    processor = FakeProcessor()
+    job_uuid = await seed_job(coordinator)
+    harness = await start_supervisor([instance], processor, lease_s=1.0, update_interval_s=0.1)
+    await asyncio.wait_for(processor.started.wait(), WAIT_S)
+    supervisor = harness.supervisor
+    run = supervisor.jobs[job_uuid]
+    jobs = coordinator.coordinator.jobs
+
+    async def broken(*_: Any) -> bool:
+        raise RuntimeError("the database is on fire")
+
+    # Every update from now on gets a real 500 from the coordinator: it is up, its reaper runs.
+    monkeypatch.setattr(jobs, "try_update", broken)
+    monkeypatch.setattr(jobs, "update", broken)
+    refused_at = time.monotonic()
+    await asyncio.wait_for(processor.cancelled.wait(), WAIT_S)
+    given_up_after = time.monotonic() - refused_at
+    assert run.cancel_reason is CancelReason.LEASE_EXPIRED
+    assert "refused by the server for 1 s" in run.cancel_detail
+    assert 0.9 <= given_up_after <= 2.0
+    refusals = [r for r in caplog.records if "the server refused its update" in r.getMessage()]
+    assert refusals
+    assert all(r.levelno == logging.ERROR for r in refusals)
+    assert "500" in refusals[0].getMessage()
 
 
 async def test_an_instance_that_forgot_us_is_flagged_and_the_other_keeps_working(
@@ -104,7 +145,8 @@ async def test_an_instance_that_forgot_us_is_flagged_and_the_other_keeps_working
 
 class ScriptedClient(InstanceClient):
     """An instance played by the test: offers `offers`, blocks the first request until `gate` opens,
-    answers `success` from `success_answers` (exceptions raised in order, then 204)."""
+    answers `success` from `success_answers` and `update` from `update_answers` (exceptions raised in
+    order, then 204; `updates` counts the updates delivered)."""
 
     def __init__(self, url: str, runner_token: str) -> None:
         super().__init__(url, runner_token)
@@ -113,7 +155,13 @@ class ScriptedClient(InstanceClient):
         self.requests = 0
         self.success_answers: list[Exception] = []
         self.success_gate: asyncio.Event | None = None
+        self.update_answers: list[Exception] = []
+        # Answers of the updates that follow the next success attempt (the server changed meanwhile).
+        self.updates_after_success: list[Exception] = []
+        self.updates = 0
         self.calls: list[str] = []
+        # The order of successes and delivered updates ("success", "update", ...).
+        self.timeline: list[str] = []
 
     async def request_jobs(self, job_types: frozenset[str], version: str | None) -> list[AvailableJob]:
         self.requests += 1
@@ -127,10 +175,16 @@ class ScriptedClient(InstanceClient):
         return AcceptedJob(job_uuid, JobType.VOD_WEB_VIDEO, {}, "ptrjt-x", self.url)
 
     async def update(self, job: AcceptedJob, progress: int | None = None) -> None:
-        pass
+        if self.update_answers:
+            raise self.update_answers.pop(0)
+        self.updates += 1
+        self.timeline.append("update")
 
     async def success(self, job: AcceptedJob, output: JobOutput) -> None:
         self.calls.append("success")
+        self.timeline.append("success")
+        self.update_answers += self.updates_after_success
+        self.updates_after_success = []
         if self.success_gate is not None:
             await self.success_gate.wait()
         if self.success_answers:
@@ -305,26 +359,159 @@ async def test_a_rejected_socket_is_retried_and_never_stops_polling(
     assert not worker.status.socket_connected
 
 
-async def test_a_success_being_delivered_is_not_aborted_by_the_shutdown(
-    start_supervisor: StartSupervisor,
+async def test_a_result_being_delivered_at_shutdown_is_kept_and_delivered_after_the_next_start(
+    start_supervisor: StartSupervisor, tmp_path: Path
 ) -> None:
     clients: dict[str, ScriptedClient] = {}
     instance = InstanceConfig("http://scripted.test", "ptrt-s", "scripted")
+    outbox_dir = tmp_path / "outbox"
     harness = await start_supervisor(
-        [instance], client_factory=scripted(clients), socket_enabled=False, shutdown_grace_s=0.05
+        [instance],
+        client_factory=scripted(clients),
+        socket_enabled=False,
+        shutdown_grace_s=0.05,
+        outbox_dir=outbox_dir,
     )
     supervisor = harness.supervisor
     assert await supervisor.wait_for(lambda: "scripted" in clients, WAIT_S)
     client = clients["scripted"]
-    client.success_gate = asyncio.Event()
-    client.offers = [AvailableJob("6a1b7d1c-0000-4000-8000-000000000003", "vod-web-video-transcoding", {})]
+    client.success_gate = asyncio.Event()  # the upload never ends
+    job_uuid = "6a1b7d1c-0000-4000-8000-000000000003"
+    client.offers = [AvailableJob(job_uuid, "vod-web-video-transcoding", {})]
     client.gate.set()
     assert await supervisor.wait_for(lambda: "success" in client.calls, WAIT_S)
     (run,) = supervisor.jobs.values()
-    supervisor.request_stop()
-    assert await supervisor.wait_for(lambda: supervisor.draining, WAIT_S)
-    assert run.cancel(CancelReason.SHUTDOWN) is False  # what the end of the grace period tries
-    client.success_gate.set()
+    assert run.phase is JobPhase.DELIVERING
+    assert supervisor.free_slots() == supervisor.config.concurrency  # a waiting result holds no slot
+    supervisor.request_stop()  # the grace period ends during the upload
     assert await asyncio.wait_for(harness.task, WAIT_S) is True
-    assert run.outcome == "succeeded"
-    assert not any(call.startswith("abort") for call in client.calls)
+    assert (run.cancel_reason, run.outcome_kind) == (CancelReason.SHUTDOWN, JobOutcome.KEPT)
+    assert not any(call.startswith("abort") for call in client.calls)  # the server keeps it ours
+    (kept,) = Outbox(outbox_dir).load()
+    assert (kept.job.uuid, kept.job.job_token, kept.attempted) == (job_uuid, "ptrjt-x", True)
+
+    # The next start delivers it with the job token it was accepted with, and empties the outbox.
+    restarted = await start_supervisor(
+        [instance], client_factory=scripted(clients), socket_enabled=False, outbox_dir=outbox_dir
+    )
+    second = restarted.supervisor
+    assert await second.wait_for(lambda: bool(second.finished), WAIT_S)
+    assert second.finished[-1].outcome == "succeeded"
+    assert clients["scripted"].calls == ["success"]  # a new client: nothing accepted, delivered
+    assert Outbox(outbox_dir).load() == []
+    assert list(outbox_dir.iterdir()) == []
+
+
+async def test_a_result_not_delivered_goes_again_only_once_a_heartbeat_got_through(
+    start_supervisor: StartSupervisor,
+) -> None:
+    clients: dict[str, ScriptedClient] = {}
+    instance = InstanceConfig("http://scripted.test", "ptrt-s", "scripted")
+    harness = await start_supervisor([instance], client_factory=scripted(clients), socket_enabled=False)
+    supervisor = harness.supervisor
+    assert await supervisor.wait_for(lambda: "scripted" in clients, WAIT_S)
+    client = clients["scripted"]
+    client.success_answers = [TransientError("send success: ConnectError: connection refused")]
+    # The server is down a while longer: the heartbeat meets the outage too.
+    client.updates_after_success = [TransientError("update: ConnectError: connection refused")] * 3
+    client.offers = [AvailableJob("6a1b7d1c-0000-4000-8000-000000000004", "vod-web-video-transcoding", {})]
+    client.gate.set()
+    assert await supervisor.wait_for(lambda: bool(supervisor.finished), WAIT_S)
+    assert supervisor.finished[-1].outcome == "succeeded"
+    first, second = [i for i, call in enumerate(client.timeline) if call == "success"]
+    # Sent again once an update (small) got through, not blindly on a timer.
+    assert "update" in client.timeline[first + 1 : second]
+    assert client.update_answers == []  # every failing update was made before the upload went again
+
+
+async def test_a_job_taken_back_while_its_result_waited_is_dropped_and_not_sent_again(
+    start_supervisor: StartSupervisor, tmp_path: Path
+) -> None:
+    clients: dict[str, ScriptedClient] = {}
+    instance = InstanceConfig("http://scripted.test", "ptrt-s", "scripted")
+    harness = await start_supervisor(
+        [instance], client_factory=scripted(clients), socket_enabled=False, outbox_dir=tmp_path / "outbox"
+    )
+    supervisor = harness.supervisor
+    assert await supervisor.wait_for(lambda: "scripted" in clients, WAIT_S)
+    client = clients["scripted"]
+    client.success_answers = [TransientError("send success: ReadTimeout")]
+    # A network cut: the server re-queued the job meanwhile, its first answer is a 404.
+    client.updates_after_success = [JobGone("update job: 404 Unknown runner job", status=404)]
+    client.offers = [AvailableJob("6a1b7d1c-0000-4000-8000-000000000005", "vod-web-video-transcoding", {})]
+    client.gate.set()
+    assert await supervisor.wait_for(lambda: bool(supervisor.finished), WAIT_S)
+    run = supervisor.finished[-1]
+    assert (run.cancel_reason, run.outcome_kind) == (CancelReason.GONE, JobOutcome.GONE)
+    assert client.calls[1:] == ["success"]  # one attempt, no error report, nothing sent again
+    assert list((tmp_path / "outbox").iterdir()) == []
+
+
+async def test_a_result_the_server_keeps_failing_on_is_retried_a_bounded_number_of_times_then_reported(
+    start_supervisor: StartSupervisor, tmp_path: Path
+) -> None:
+    clients: dict[str, ScriptedClient] = {}
+    instance = InstanceConfig("http://scripted.test", "ptrt-s", "scripted")
+    harness = await start_supervisor(
+        [instance],
+        client_factory=scripted(clients),
+        socket_enabled=False,
+        outbox_dir=tmp_path / "outbox",
+        retry=RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.02),
+    )
+    supervisor = harness.supervisor
+    assert await supervisor.wait_for(lambda: "scripted" in clients, WAIT_S)
+    client = clients["scripted"]
+    client.success_answers = [TransientError("send success: 500 Internal error", status=500)] * 5
+    client.offers = [AvailableJob("6a1b7d1c-0000-4000-8000-000000000006", "vod-web-video-transcoding", {})]
+    client.gate.set()
+    assert await supervisor.wait_for(lambda: bool(supervisor.finished), WAIT_S)
+    run = supervisor.finished[-1]
+    assert run.outcome_kind is JobOutcome.ERRORED
+    assert client.calls[1:4] == ["success"] * 3
+    (report,) = client.calls[4:]
+    assert report.startswith("error result not delivered after 3 attempt(s)")
+    assert list((tmp_path / "outbox").iterdir()) == []
+
+
+async def test_at_start_a_waiting_result_is_delivered_and_those_of_other_registrations_are_dropped(
+    coordinator: RunningCoordinator,
+    start_supervisor: StartSupervisor,
+    clip: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    instance = await register(coordinator, "resumed")
+    job_uuid = await seed_job(coordinator)
+    async with InstanceClient(coordinator.url, instance.runner_token) as client:
+        job = await client.accept(job_uuid)
+    outbox = Outbox(tmp_path / "outbox")
+    # What a runner killed while its result waited leaves behind.
+    work = tmp_path / "job"
+    work.mkdir()
+    shutil.copyfile(clip, work / "output.mp4")
+    outbox.put(job, instance, JobOutput(files={"videoFile": work / "output.mp4"}), work)
+    unregistered = InstanceConfig("http://gone.test", "ptrt-gone", "gone")
+    registered_again = InstanceConfig(instance.url, "ptrt-previous-token", "resumed")
+    for other, uuid in (
+        (unregistered, "6a1b7d1c-0000-4000-8000-000000000007"),
+        (registered_again, "6a1b7d1c-0000-4000-8000-000000000008"),
+    ):
+        (tmp_path / uuid).mkdir()
+        (tmp_path / uuid / "output.mp4").write_bytes(b"result")
+        other_job = AcceptedJob(uuid, JobType.VOD_WEB_VIDEO, {}, "ptrjt-x", other.url)
+        outbox.put(other_job, other, JobOutput(files={"videoFile": tmp_path / uuid / "output.mp4"}), tmp_path)
+    processor = FakeProcessor()
+    harness = await start_supervisor([instance], processor, outbox_dir=outbox.root)
+    supervisor = harness.supervisor
+    assert await supervisor.wait_for(lambda: bool(supervisor.finished), WAIT_S)
+    assert supervisor.finished[-1].outcome == "succeeded"
+    assert processor.runs == 0  # delivered, not transcoded again
+    row = await job_of(coordinator, job_uuid)
+    assert row is not None
+    assert row.result is not None
+    assert list(outbox.root.iterdir()) == []
+    dropped = [r.getMessage() for r in caplog.records if "dropping the waiting result" in r.getMessage()]
+    assert len(dropped) == 2
+    assert any("http://gone.test (gone) is not registered here any more" in m for m in dropped)
+    assert any("registered again" in m for m in dropped)

@@ -24,6 +24,8 @@ from tuberunner.coordinator.storage import StorageError, result_key
 from tuberunner.protocol.errors import ErrorCode, Message
 from tuberunner.protocol.jobs import (
     FEATURES_HEADER,
+    JOBS_TAKEN_BACK_EVENT,
+    PUSHES_HEADER,
     RAW_UPLOAD_BODY,
     RAW_UPLOAD_FEATURE,
     REQUIRED_SUCCESS_FILES,
@@ -184,7 +186,13 @@ async def request_jobs(request: Request) -> Response:
             await c.runners.set_version(auth, version)
     types = frozenset(job_types) if job_types is not None else None
     answer = await c.jobs.available_jobs_body(base_url_of(request), types)
-    return Response(answer, media_type="application/json")
+    return Response(answer, media_type="application/json", headers=_pushes(c))
+
+
+def _pushes(c: Coordinator) -> dict[str, str]:
+    """Tell our runners that a job taken back reaches them through the socket: they need not check it
+    often (PeerTube sends no such event, and no such header)."""
+    return {PUSHES_HEADER: JOBS_TAKEN_BACK_EVENT} if c.jobs.on_taken_back is not None else {}
 
 
 async def accept(request: Request) -> Response:
@@ -218,7 +226,7 @@ async def _accepted(request: Request, job: Job, auth: RunnerAuth) -> Response:
     job_json["jobToken"] = job.processing_job_token
     if RAW_UPLOAD_FEATURE in request.headers.get(FEATURES_HEADER, "").replace(" ", "").split(","):
         await _offer_direct_uploads(coordinator_of(request), job, job_json)
-    return JSONResponse({"job": job_json})
+    return JSONResponse({"job": job_json}, headers=_pushes(coordinator_of(request)))
 
 
 async def _offer_direct_uploads(c: Coordinator, job: Job, job_json: dict[str, Any]) -> None:

@@ -150,7 +150,11 @@ class _SupervisorCollector:
         yield GaugeMetricFamily(
             "tuberunner_runner_slots", "Jobs this runner takes at once", s.config.concurrency
         )
-        yield GaugeMetricFamily("tuberunner_runner_slots_busy", "Slots held by running jobs", len(s.jobs))
+        yield GaugeMetricFamily(
+            "tuberunner_runner_slots_busy",
+            "Slots held by running jobs (a result waiting in the outbox holds none)",
+            sum(1 for run in s.jobs.values() if run.holds_slot),
+        )
         yield GaugeMetricFamily(
             "tuberunner_runner_draining", "1 while stopping (no new job)", int(s.draining)
         )

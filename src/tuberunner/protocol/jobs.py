@@ -116,3 +116,7 @@ JOBS_TAKEN_BACK_EVENT: Final = "tuberunner-jobs-taken-back"
 FEATURES_HEADER: Final = "X-Tuberunner-Features"
 RAW_UPLOAD_FEATURE: Final = "raw-upload"
 RAW_UPLOAD_BODY: Final = "raw"
+# A coordinator that sends `tuberunner-jobs-taken-back` says so on its `jobs/request` and `accept` answers
+# with this header (value: the event's name). PeerTube never sends it, the official runner ignores it; our
+# runner checks its jobs less often on such a server while its socket is connected.
+PUSHES_HEADER: Final = "X-Tuberunner-Pushes"

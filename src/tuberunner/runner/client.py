@@ -31,7 +31,14 @@ from urllib.parse import quote
 
 import httpx
 
-from tuberunner.protocol.jobs import FEATURES_HEADER, RAW_UPLOAD_BODY, RAW_UPLOAD_FEATURE, JobType
+from tuberunner.protocol.jobs import (
+    FEATURES_HEADER,
+    JOBS_TAKEN_BACK_EVENT,
+    PUSHES_HEADER,
+    RAW_UPLOAD_BODY,
+    RAW_UPLOAD_FEATURE,
+    JobType,
+)
 from tuberunner.runner.config import RunnerConfig
 from tuberunner.runner.errors import (
     JobFailed,
@@ -211,6 +218,9 @@ class InstanceClient:
         self.deadlines = deadlines or Deadlines()
         self.call_timeout_s = call_timeout_s
         self.success_timeout_s = success_timeout_s
+        # Whether the server said, on its last `jobs/request` or `accept` answer, that it sends
+        # `tuberunner-jobs-taken-back` when it takes a job back (a Tuberunner coordinator; never PeerTube).
+        self.pushes_taken_back = False
         self._http = httpx.AsyncClient(
             timeout=self.deadlines.timeout(),
             transport=transport,
@@ -350,7 +360,9 @@ class InstanceClient:
         body: dict[str, Any] = {"runnerToken": self.runner_token, "jobTypes": sorted(job_types)}
         if version:
             body["version"] = version
-        answer = self._json_object(await self._post(f"{self.url}{API}/jobs/request", body, context), context)
+        response = await self._post(f"{self.url}{API}/jobs/request", body, context)
+        self._note_pushes(response)
+        answer = self._json_object(response, context)
         entries = answer.get("availableJobs")
         if not isinstance(entries, list):
             raise RequestRejected(f"{context}: the answer has no availableJobs list")
@@ -373,6 +385,7 @@ class InstanceClient:
         response = await self._post(
             self._job_url(job_uuid, "accept"), {"runnerToken": self.runner_token}, context
         )
+        self._note_pushes(response)
         job = self._json_object(response, context).get("job")
         if not isinstance(job, dict):
             raise RequestRejected(f"{context}: the answer has no job object")
@@ -391,12 +404,27 @@ class InstanceClient:
             instance_url=self.url,
         )
 
+    def _note_pushes(self, response: httpx.Response) -> None:
+        pushed = {v.strip() for v in response.headers.get(PUSHES_HEADER, "").split(",")}
+        self.pushes_taken_back = JOBS_TAKEN_BACK_EVENT in pushed
+
     async def update(self, job: AcceptedJob, progress: int | None = None) -> None:
-        """`POST /jobs/{uuid}/update`: the heartbeat. JSON without payload (accepted by every version)."""
-        body = self._job_body(job)
+        """`POST /jobs/{uuid}/update`: the heartbeat, as multipart/form-data text fields like the official
+        runner (no payload part when there is none). PeerTube 8.x checks an update against every job
+        type's validator in turn, and the live one reads the request's uploaded files: a JSON body has
+        none (`req.files` undefined: 500), a multipart one has an empty set, so every type's heartbeat
+        lands on 6.x-8.x."""
+        fields: list[tuple[str, str]] = []
         if progress is not None:
-            body["progress"] = min(max(int(progress), 0), 100)
-        await self._post(self._job_url(job.uuid, "update"), body, f"update job {job.uuid}")
+            fields.append(("progress", str(min(max(int(progress), 0), 100))))
+        fields += [("jobToken", job.job_token), ("runnerToken", self.runner_token)]
+        await self._call(
+            "POST",
+            self._job_url(job.uuid, "update"),
+            multipart=MultipartBody(fields, []),
+            context=f"update job {job.uuid}",
+            whole_call_s=self.call_timeout_s,
+        )
 
     async def abort(self, job: AcceptedJob, reason: str) -> None:
         body = self._job_body(job, reason=clip_message(reason))

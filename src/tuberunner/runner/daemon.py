@@ -162,6 +162,7 @@ def build_supervisor(
     runner_id: str,
     work_dir: Path,
     inputs_dir: Path,
+    outbox_dir: Path | None = None,
     state_file: Path | None = None,
     reload_config: Callable[[], RunnerConfig | None] | None = None,
     flag_instance: Callable[[InstanceConfig], None] | None = None,
@@ -176,6 +177,7 @@ def build_supervisor(
     # ffmpeg runs in each job's folder: a relative path to an input (a relative `--output` of the
     # one-shot mode, a relative XDG_CACHE_HOME) would point nowhere from there.
     work_dir, inputs_dir = work_dir.absolute(), inputs_dir.absolute()
+    outbox_dir = outbox_dir.absolute() if outbox_dir is not None else None
     # With `video-transcription` when its engine can run here (its settings need a restart, like ffmpeg's).
     processors = runner_processors(config)
     clients = JobClients()
@@ -193,6 +195,7 @@ def build_supervisor(
     return Supervisor(
         config,
         work_dir=work_dir,
+        outbox_dir=outbox_dir,
         processors=processors.table,
         supports=processors.supports,
         settings=settings,
@@ -253,6 +256,7 @@ async def _serve(
             runner_id=paths.runner_id,
             work_dir=paths.work_dir,
             inputs_dir=paths.inputs_dir,
+            outbox_dir=paths.outbox_dir,
             state_file=paths.state_file,
             reload_config=reload_config,
             flag_instance=flag,

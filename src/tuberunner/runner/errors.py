@@ -1,7 +1,9 @@
 """The runner's one error taxonomy (DESIGN principle 2). Callers branch on the class, never on codes.
 
     RunnerError
-    ├── TransientError      connection refused/reset, timeouts, 5xx, 429: retry with backoff, bounded
+    ├── TransientError      connection refused/reset, timeouts, 5xx, 429: retry with backoff, bounded;
+    │                       `server_answered` tells a server that is up and failing (500, 429) from one
+    │                       that could not be reached (no answer, or a proxy's 502/503/504)
     ├── JobGone             404 `Unknown runner job`, 400 `runner_job_not_in_processing_state`, lost accept
     │                       race: the job is not ours any more; kill its work at once, never retry
     ├── RunnerUnknown       `unknown_runner_token`: the instance needs re-registration; others go on
@@ -46,6 +48,16 @@ class TransientError(RunnerError):
     ) -> None:
         super().__init__(message, status=status, code=code)
         self.retry_after_s = retry_after_s
+
+    @property
+    def server_answered(self) -> bool:
+        """The server itself answered (it is up: PeerTube's stale-job watchdog runs). No answer at all, or
+        a gateway's 502/503/504 (the proxy in front answers while the server is down), is an outage."""
+        return self.status is not None and self.status not in _GATEWAY_STATUSES
+
+
+# What a reverse proxy answers when the server behind it is down or restarting.
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class JobGone(RunnerError):

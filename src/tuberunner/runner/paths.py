@@ -1,8 +1,13 @@
 """Where a runner keeps its files, per `--id`: XDG config and cache folders, like the official runner.
 
     $XDG_CONFIG_HOME/tuberunner/<id>/config.toml     settings and registered instances (secret: 0600)
-    $XDG_CACHE_HOME/tuberunner/<id>/                 everything the daemon may lose
+    $XDG_CACHE_HOME/tuberunner/<id>/                 everything the daemon may lose (deleting outbox/
+                                                     loses results not delivered yet: their servers give
+                                                     the jobs to a runner again)
         jobs/<job uuid>/                             one private folder per running job
+        outbox/                                      finished results waiting for their server (kept
+                                                     across restarts; next to jobs/ so that a result
+                                                     moves there by a rename)
         inputs/                                      downloaded inputs shared by jobs of one video
         state.json                                   what `status` and `list-jobs` read
         daemon.pid                                   pid of the running daemon, locked while it runs
@@ -49,6 +54,10 @@ class RunnerPaths:
     def work_dir(self) -> Path:
         """Parent of the per-job folders; emptied at start-up (leftovers of a crash)."""
         return self.cache_dir / "jobs"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.cache_dir / "outbox"
 
     @property
     def inputs_dir(self) -> Path:

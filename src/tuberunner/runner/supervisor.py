@@ -15,16 +15,24 @@ stops its loops; the other instances go on.
 Jobs. Each job is a `JobRun` with a `JobPhase`; `JobRun.cancel(reason)` records a `CancelReason` before
 cancelling its task, and the end of the task reads that value to decide the report:
 
-    processor returns ─► success (retried on transient errors; after a retry, "not in processing state"
-                          means an earlier attempt got through) ─► done
+    processor returns ─► result moved to the outbox (slot freed) ─► delivered (runner/delivery.py) ─► done
     processor raises  ─► error with its message (JobGone: nothing to report, the job is not ours)
     cancel(GONE | LEASE_EXPIRED) ─► nothing to report: the server already took the job back
-    cancel(SHUTDOWN | INSTANCE_REMOVED) ─► abort, so the server hands the job out again at once
+    cancel(SHUTDOWN | INSTANCE_REMOVED) ─► abort, so the server hands the job out again at once;
+                          except a result waiting in the outbox at shutdown: kept for the next start
 
-Whatever the path, the exit stack stops the heartbeat, releases the inputs and deletes the work folder
-before the slot is freed. Reports run shielded, with `report_deadline_s`; a success being delivered is not
-interrupted by a shutdown either (only by the job being gone or its lease lost), and its retries stop
-after `report_deadline_s`.
+The job's heartbeat runs from the accept until its fate is settled, delivery included. The job's exit stack
+releases the inputs and deletes the work folder once the result is in the outbox (or the job ended): the
+slot is free while the result waits. Results waiting for one instance bound what it is asked for: no new
+job from it while it has `concurrency` results waiting (they sit on the work folder's disk, which
+`min_free_disk_bytes` guards). At start, the outbox is read back: each result of a registration still
+configured is delivered, the others are dropped with a log line. Reports of errors and aborts run
+shielded, with `report_deadline_s`.
+
+A job whose server cannot be reached goes on (see runner/heartbeat.py): a server that is down re-queues
+nothing, so finishing the work and delivering it when the server is back saves a second transcode. During
+a network cut the server does re-queue it (after its lease) and another runner works on it; the first call
+that gets through then answers 404 and the job (or its waiting result) is dropped at once.
 """
 
 from __future__ import annotations
@@ -51,10 +59,10 @@ from tuberunner.ops import logs
 from tuberunner.ops.health import LoopMonitor
 from tuberunner.ops.metrics import RunnerMetrics
 from tuberunner.ops.sd_notify import SystemdNotifier
-from tuberunner.protocol.errors import ErrorCode
 from tuberunner.protocol.jobs import JobType
 from tuberunner.runner.client import AvailableJob, InstanceClient, client_for
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
+from tuberunner.runner.delivery import Delivery
 from tuberunner.runner.encode_cache import EncodeCache
 from tuberunner.runner.errors import (
     JobGone,
@@ -68,11 +76,11 @@ from tuberunner.runner.job import (
     AcceptedJob,
     InputFetcher,
     JobContext,
-    JobOutput,
     ProcessingSettings,
     Processor,
 )
 from tuberunner.runner.notifier import SocketNotifier
+from tuberunner.runner.outbox import Outbox, OutboxEntry
 from tuberunner.runner.retry import RetryPolicy
 from tuberunner.runner.state import DaemonState, ErrorRecord, InstanceStatus, JobStatus, write_state
 from tuberunner.runner.transfers import DownloadLimits, InputDownloader, resource_of
@@ -111,7 +119,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 class JobPhase(StrEnum):
     ACCEPTED = "accepted"
     RUNNING = "running"
-    UPLOADING = "uploading"
+    # Moving the result into the outbox: a cancellation is recorded, and acted on once it is stored.
+    STORING = "storing"
+    # The result waits in the outbox or is being uploaded; the job holds no slot any more.
+    DELIVERING = "delivering"
     # Cleaning up and reporting: cancellation is refused from here on.
     FINISHING = "finishing"
     DONE = "done"
@@ -131,6 +142,8 @@ class JobOutcome(StrEnum):
     ABORTED = "aborted"
     # Stopped at once with the daemon (second SIGINT): the server takes it back when its lease expires.
     CANCELLED = "cancelled"
+    # Stopped with the daemon while its result waited: the result is delivered after the next start.
+    KEPT = "kept"
 
 
 class CancelReason(Enum):
@@ -145,7 +158,7 @@ class CancelReason(Enum):
         return self in (CancelReason.SHUTDOWN, CancelReason.INSTANCE_REMOVED)
 
 
-_CANCELLABLE = frozenset({JobPhase.ACCEPTED, JobPhase.RUNNING, JobPhase.UPLOADING})
+_CANCELLABLE = frozenset({JobPhase.ACCEPTED, JobPhase.RUNNING, JobPhase.STORING, JobPhase.DELIVERING})
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -271,23 +284,29 @@ class JobRun:
     task: asyncio.Task[None] | None = None
     heartbeat: Heartbeat | None = None
     report_task: asyncio.Task[None] | None = None
+    # The result in the outbox, once stored (or found there at start), and its delivery.
+    entry: OutboxEntry | None = None
+    delivery: Delivery | None = None
     _progress_origin: tuple[float, float] | None = None
 
     @property
     def client(self) -> InstanceClient:
         return self.worker.client
 
+    @property
+    def holds_slot(self) -> bool:
+        """A job holds a processing slot until its result is in the outbox (or its end is reported)."""
+        return self.entry is None
+
     def cancel(self, reason: CancelReason, detail: str = "") -> bool:
-        """Record why, then cancel the job task. Refused once the job is finishing or already cancelled,
-        and refused to a shutdown while the result is being delivered: that delivery is the job's fate
-        (bounded by its retry deadline and transfer deadlines); only a job gone or a lost lease stop it."""
+        """Record why, then cancel the job task. Refused once the job is finishing or already cancelled.
+        While its result is being stored the reason is only recorded: the job acts on it once the result
+        is in the outbox (a shutdown keeps it there, the job gone drops it)."""
         if self.cancel_reason is not None or self.phase not in _CANCELLABLE:
-            return False
-        if self.phase is JobPhase.UPLOADING and reason.aborts_on_server:
             return False
         self.cancel_reason = reason
         self.cancel_detail = detail
-        if self.task is not None:
+        if self.task is not None and self.phase is not JobPhase.STORING:
             self.task.cancel()
         return True
 
@@ -351,9 +370,12 @@ class Supervisor:
         systemd: SystemdNotifier | None = None,
         encodes: EncodeCache | None = None,
         holds_video: Callable[[str, str], bool] | None = None,
+        outbox_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.work_dir = work_dir
+        # Results waiting for their server, next to the job folders (same disk: moved by a rename).
+        self.outbox = Outbox(outbox_dir or work_dir.with_name(f"{work_dir.name}.outbox"))
         self.processors = dict(processors)
         self.supports = supports
         self.settings = settings
@@ -434,6 +456,7 @@ class Supervisor:
                 ]
                 for instance in self.config.instances:
                     self._start_worker(instance)
+                await self._resume_outbox()
                 self.systemd.ready(f"{len(self.workers)} instance(s), {self.config.concurrency} slot(s)")
                 await self._stop.wait()
                 await self._shutdown()
@@ -473,7 +496,7 @@ class Supervisor:
             for task in worker.tasks:
                 task.cancel()
         if not self.jobs:
-            log.info("stopping: no job is running")
+            log.info("stopping: no job is running and no result is waiting")
         else:
             log.info(
                 "stopping: no new jobs; %d running job(s) get %.0f s to finish (SIGINT again: stop at once)",
@@ -484,7 +507,8 @@ class Supervisor:
                 log.warning("aborting %d job(s) still running on their servers", len(self.jobs))
                 for run in list(self.jobs.values()):
                     run.cancel(CancelReason.SHUTDOWN)
-                # Each job task reports its own abort: they run in parallel.
+                # Each job task reports its own abort: they run in parallel. Waiting results stay in the
+                # outbox for the next start.
                 if not await self.wait_for(lambda: not self.jobs, self.config.report_deadline_s + 5):
                     log.error("%d job(s) did not end; cancelling them", len(self.jobs))
                     for run in list(self.jobs.values()):
@@ -586,7 +610,17 @@ class Supervisor:
         elif was_connected and not connected:
             # Is the instance down, or only the socket? A check tells (readiness follows its answer).
             worker.wake("socket disconnected")
+            # Take-backs cannot reach us now: the heartbeats check at the short interval from now on.
+            self._recheck_jobs(worker)
         self._changed()
+
+    def _update_interval_s(self, worker: InstanceWorker) -> float:
+        """The heartbeat is also how a job deleted on the server is noticed: often on a server that would
+        not tell us (PeerTube), at the progress pace on one whose push can reach us now."""
+        pushed = worker.status.socket_connected and worker.client.pushes_taken_back
+        if pushed:
+            return self.config.update_interval_s
+        return min(self.config.check_interval_s, self.config.update_interval_s)
 
     def _recheck_jobs(self, worker: InstanceWorker) -> None:
         """Send the next heartbeat of every job held from `worker` now: its answer says if it is ours."""
@@ -637,7 +671,24 @@ class Supervisor:
         return frozenset(str(t) for t in self.processors if enabled is None or t in enabled)
 
     def free_slots(self) -> int:
-        return self.config.concurrency - len(self.jobs) - self._reserved_slots
+        busy = sum(1 for run in self.jobs.values() if run.holds_slot)
+        return self.config.concurrency - busy - self._reserved_slots
+
+    def waiting_results(self, worker: InstanceWorker) -> int:
+        return sum(
+            1
+            for run in self.jobs.values()
+            if run.entry is not None and run.worker.config.key == worker.config.key
+        )
+
+    def _slots_for(self, worker: InstanceWorker) -> int:
+        """Free slots, unless `worker`'s instance already has `concurrency` results waiting: a server that
+        hands out jobs but cannot take results back gets no more work until it does."""
+        waiting = self.waiting_results(worker)
+        if waiting >= self.config.concurrency:
+            log.debug("%s: not asking for jobs, %d results wait for it", worker.config.url, waiting)
+            return 0
+        return self.free_slots()
 
     def _poll_delay_s(self, failures: int) -> float:
         jitter = self.config.poll_jitter
@@ -679,14 +730,14 @@ class Supervisor:
 
     async def _check(self, worker: InstanceWorker) -> None:
         """Ask for jobs and accept as many as there are free slots; a pass that took nothing ends it."""
-        while self.free_slots() > 0 and not self.draining:
+        while self._slots_for(worker) > 0 and not self.draining:
             if not self._disk_has_room():
                 return
             offers = await worker.client.request_jobs(self.job_types(), self.version)
             worker.contact()
             took = False
             for offer in self._by_preference(worker, offers):
-                if self.free_slots() <= 0 or self.draining:
+                if self._slots_for(worker) <= 0 or self.draining:
                     return
                 with logs.bound(job_id=offer.uuid, job_type=offer.type):
                     took = await self._take(worker, offer) or took
@@ -800,17 +851,45 @@ class Supervisor:
 
     # -------------------------------------------------------------------- jobs
 
-    def _start_job(self, worker: InstanceWorker, job: AcceptedJob) -> None:
+    def _start_job(self, worker: InstanceWorker, job: AcceptedJob, entry: OutboxEntry | None = None) -> None:
         assert self._tg is not None
         folder = job.uuid if _SAFE_NAME.match(job.uuid) else hashlib.sha256(job.uuid.encode()).hexdigest()
-        run = JobRun(job=job, worker=worker, work_dir=self.work_dir / folder)
+        run = JobRun(job=job, worker=worker, work_dir=self.work_dir / folder, entry=entry)
+        if entry is not None:
+            run.phase = JobPhase.DELIVERING
         self.jobs[job.uuid] = run
         self.job_clients.add(job, worker.client)
         # The job's task, and every task it starts, logs with the job id and its instance.
         with logs.bound(job_id=job.uuid, job_type=str(job.type), instance=job.instance_url):
             run.task = self._tg.create_task(self._run_job(run), name=f"job {job.uuid}")
-            log.info("job %s (%s) accepted from %s", job.uuid, job.type, worker.config.url)
+            if entry is None:
+                log.info("job %s (%s) accepted from %s", job.uuid, job.type, worker.config.url)
+            else:
+                log.info("job %s (%s): delivering its result to %s", job.uuid, job.type, worker.config.url)
         self._changed()
+
+    async def _resume_outbox(self) -> None:
+        """Results a previous run could not deliver: delivered again for registrations still configured."""
+        for entry in await asyncio.to_thread(self.outbox.load):
+            job = entry.job
+            instance = self.config.instance(*entry.instance_key)
+            worker = self.workers.get(entry.instance_key)
+            reason = None
+            if instance is None or worker is None:
+                reason = f"{job.instance_url} ({entry.instance_key[1]}) is not registered here any more"
+            elif not entry.belongs_to(instance):
+                reason = f"the runner was registered again on {job.instance_url} since (the job went with it)"
+            elif instance.needs_registration:
+                reason = f"{job.instance_url} does not know this runner any more"
+            elif job.uuid in self.jobs:
+                reason = "another result of the same job is being delivered"
+            if reason is not None:
+                log.warning("dropping the waiting result of job %s (%s): %s", job.uuid, job.type, reason)
+                self.record_error(f"job {job.uuid}", f"result dropped: {reason}")
+                await asyncio.to_thread(self.outbox.remove, entry)
+                continue
+            assert worker is not None
+            self._start_job(worker, job, entry)
 
     async def _run_job(self, run: JobRun) -> None:
         """The job task: work, then report its fate; the slot is freed whatever happens."""
@@ -824,7 +903,7 @@ class Supervisor:
                 self.record_error(f"job {job.uuid}", _clip(run.failure, _ERROR_RECORD_CHARS))
             else:
                 log.info("job %s (%s) %s after %.1f s", job.uuid, job.type, run.outcome, elapsed)
-                if run.outcome != "succeeded":
+                if run.outcome_kind not in (JobOutcome.SUCCEEDED, JobOutcome.KEPT):
                     self.record_error(f"job {job.uuid}", run.outcome)
             if report is not None:
                 await self._report(run, report)
@@ -840,21 +919,21 @@ class Supervisor:
             self._changed()
 
     async def _work(self, run: JobRun) -> Callable[[], Awaitable[None]] | None:
-        """Process and deliver inside the job's exit stack; returns the report to make, if any. Sets
+        """Process, store the result in the outbox, deliver it; returns the report to make, if any. Sets
         `run.outcome`. Re-raises a cancellation that is not ours (the TaskGroup going down)."""
         job = run.job
+        # Whether the result stays in the outbox when this ends (stopped with the daemon).
+        keep = False
         try:
-            async with AsyncExitStack() as stack:
+            async with AsyncExitStack() as lifetime:
                 try:
-                    context = await self._enter_job(run, stack)
-                    run.phase = JobPhase.RUNNING
+                    self._start_heartbeat(run, lifetime)
+                    if run.entry is None:
+                        run.entry = await self._process(run)
+                    run.phase = JobPhase.DELIVERING
                     self._changed()
-                    output = await self.processors[job.type](context)
-                    if run.cancel_reason is not None:
-                        raise asyncio.CancelledError  # the processor swallowed our cancellation
-                    run.phase = JobPhase.UPLOADING
-                    self._changed()
-                    await self._deliver_success(run, output)
+                    self.wake_all("a slot is free")
+                    await self._deliver(run)
                     run.outcome, run.outcome_kind = "succeeded", JobOutcome.SUCCEEDED
                     return None
                 finally:
@@ -862,12 +941,18 @@ class Supervisor:
         except asyncio.CancelledError:
             reason = run.cancel_reason
             if reason is None or self._hard_stop.is_set():
+                keep = True
                 run.outcome, run.outcome_kind = "cancelled", JobOutcome.CANCELLED
                 raise  # not ours, or stopping at once: the whole TaskGroup is going down
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             detail = f" ({run.cancel_detail})" if run.cancel_detail else ""
+            if run.entry is not None and reason is CancelReason.SHUTDOWN:
+                keep = True
+                run.outcome = "stopped with the runner: its result waits in the outbox for the next start"
+                run.outcome_kind = JobOutcome.KEPT
+                return None
             run.outcome = f"cancelled: {reason.value}{detail}"
             run.outcome_kind = _OUTCOME_OF_CANCEL[reason]
             if reason.aborts_on_server:
@@ -883,26 +968,36 @@ class Supervisor:
             if not isinstance(exc, RunnerError | OSError):
                 log.error("job %s: %s failed", job.uuid, job.type, exc_info=exc)
             return lambda: run.client.error(job, message)
+        finally:
+            if run.entry is not None and not keep:
+                # Delivered, or the server answered for it otherwise: the result has nowhere to go.
+                await _unless_cancelled(asyncio.to_thread(self.outbox.remove, run.entry))
+
+    async def _process(self, run: JobRun) -> OutboxEntry:
+        """Run the processor in the job's scope (work folder, inputs — undone in reverse order on every exit
+        path) and move its result into the outbox before the scope ends."""
+        job = run.job
+        async with AsyncExitStack() as stack:
+            context = await self._enter_job(run, stack)
+            run.phase = JobPhase.RUNNING
+            self._changed()
+            output = await self.processors[job.type](context)
+            if run.cancel_reason is not None:
+                raise asyncio.CancelledError  # the processor swallowed our cancellation
+            run.phase = JobPhase.STORING
+            self._changed()
+            # A thread of its own: moving and syncing a big file must not stall the loop. Not interrupted:
+            # a cancellation meanwhile is recorded and acted on below.
+            store = asyncio.to_thread(self.outbox.put, job, run.worker.config, output, run.work_dir)
+            run.entry = await asyncio.shield(asyncio.ensure_future(store))
+            if run.cancel_reason is not None:
+                raise asyncio.CancelledError
+            return run.entry
 
     async def _enter_job(self, run: JobRun, stack: AsyncExitStack) -> JobContext:
-        """The job's scope: work folder, heartbeat, inputs — undone in reverse order on every exit path."""
-        assert self._tg is not None
+        """The job's working scope: work folder and inputs."""
         run.work_dir.mkdir(parents=True, exist_ok=True)
         stack.callback(shutil.rmtree, run.work_dir, ignore_errors=True)
-        run.heartbeat = Heartbeat(
-            run.client,
-            run.job,
-            interval_s=self.config.update_interval_s,
-            lease_s=self.config.lease_s,
-            progress=lambda: run.progress,
-            on_lost=lambda loss, detail: self._lost(run, loss, detail),
-            on_delivered=lambda: self._delivered(run),
-            retry=self.retry,
-        )
-        heartbeat_task = self._tg.create_task(
-            self._heartbeat(run, run.heartbeat), name=f"heartbeat {run.job.uuid}"
-        )
-        stack.push_async_callback(_stop, heartbeat_task)
         fetch = await stack.enter_async_context(self.inputs(run.job, run.work_dir))
         return JobContext(
             job=run.job,
@@ -914,6 +1009,26 @@ class Supervisor:
             encodes=self.encodes,
         )
 
+    def _start_heartbeat(self, run: JobRun, stack: AsyncExitStack) -> None:
+        """The job's heartbeat, stopped when `stack` closes (its fate is settled)."""
+        assert self._tg is not None
+        run.heartbeat = Heartbeat(
+            run.client,
+            run.job,
+            interval_s=lambda: self._update_interval_s(run.worker),
+            lease_s=self.config.lease_s,
+            outage_limit_s=self.config.outage_limit_s,
+            progress=lambda: run.progress,
+            on_lost=lambda loss, detail: self._lost(run, loss, detail),
+            on_delivered=lambda: self._delivered(run),
+            on_answer=lambda: run.delivery.server_answered() if run.delivery is not None else None,
+            retry=self.retry,
+        )
+        heartbeat_task = self._tg.create_task(
+            self._heartbeat(run, run.heartbeat), name=f"heartbeat {run.job.uuid}"
+        )
+        stack.push_async_callback(_stop, heartbeat_task)
+
     async def _heartbeat(self, run: JobRun, heartbeat: Heartbeat) -> None:
         try:
             await heartbeat.run()
@@ -922,7 +1037,7 @@ class Supervisor:
             run.cancel(CancelReason.LEASE_EXPIRED, f"heartbeat failed: {type(exc).__name__}: {exc}")
 
     def _lost(self, run: JobRun, loss: Loss, detail: str) -> None:
-        if loss is Loss.NOT_PROCESSING and run.phase is JobPhase.UPLOADING:
+        if loss is Loss.NOT_PROCESSING and run.phase is JobPhase.DELIVERING:
             # Our success may have got there first (the job is completing): the success call tells.
             return
         reason = CancelReason.LEASE_EXPIRED if loss is Loss.LEASE_EXPIRED else CancelReason.GONE
@@ -936,29 +1051,21 @@ class Supervisor:
         run.report_progress(value)
         self._dirty.set()
 
-    async def _deliver_success(self, run: JobRun, output: JobOutput) -> None:
-        """`success` with retries on transient errors. After a failed attempt the server may have got it
-        all the same: then "not in processing state" (6.3: 400 + code, 8.3: 409) means done (spec §13.8)."""
-        job = run.job
-        retried = False
-
-        async def attempt() -> None:
-            nonlocal retried
-            try:
-                await run.client.success(job, output)
-            except JobGone as exc:
-                if retried and (exc.code == ErrorCode.JOB_NOT_IN_PROCESSING_STATE or exc.status == 409):
-                    log.info("job %s: an earlier success attempt got through (%s)", job.uuid, exc.message)
-                    return
-                raise
-            except TransientError:
-                retried = True
-                raise
-
-        await self.retry.run(
-            attempt, what=f"success of job {job.uuid}", deadline_s=self.config.report_deadline_s
+    async def _deliver(self, run: JobRun) -> None:
+        """`success` of the result in the outbox until the server answers for it (runner/delivery.py)."""
+        assert run.entry is not None
+        assert run.heartbeat is not None
+        run.delivery = Delivery(
+            run.client,
+            run.entry,
+            self.outbox,
+            probe=run.heartbeat,
+            retry=self.retry,
+            outage_limit_s=self.config.outage_limit_s,
         )
-        self.metrics.uploaded.inc(sum(_size(path) for path in output.files.values()))
+        await run.delivery.run()
+        run.entry = run.delivery.entry
+        self.metrics.uploaded.inc(sum(_size(path) for path in run.entry.output.files.values()))
 
     async def _report(self, run: JobRun, call: Callable[[], Awaitable[None]]) -> None:
         """Tell the server a job's fate, shielded from cancellation of the job task, within a deadline."""
@@ -1069,6 +1176,17 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+async def _unless_cancelled(awaitable: Awaitable[None]) -> None:
+    """Await `awaitable` in a `finally` that may run while the task is being cancelled (then skipped:
+    the next start finds what was left)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        return
+    await awaitable
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
