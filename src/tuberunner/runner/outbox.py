@@ -91,28 +91,33 @@ class Outbox:
         if folder.exists():  # a put interrupted before its manifest: nothing in it counts
             shutil.rmtree(folder)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        files_dir = folder / "files"
-        files_dir.mkdir(parents=True, mode=0o700)
-        files: dict[str, Path] = {}
-        for field_name, source in output.files.items():
-            field_dir = files_dir / field_name
-            field_dir.mkdir(mode=0o700)
-            target = field_dir / source.name
-            _move_or_copy(source, target, owned=source.is_relative_to(work_dir))
-            _fsync_file(target)
-            fsync_dir(field_dir)
-            files[field_name] = target
-        fsync_dir(files_dir)
-        entry = OutboxEntry(
-            folder=folder,
-            instance_key=instance.key,
-            runner_token_sha256=token_digest(instance.runner_token),
-            job=job,
-            output=JobOutput(files=files, fields=dict(output.fields)),
-            created_at=time.time(),
-        )
-        self._write(entry)
-        fsync_dir(self.root)
+        try:
+            files_dir = folder / "files"
+            files_dir.mkdir(parents=True, mode=0o700)
+            files: dict[str, Path] = {}
+            for field_name, source in output.files.items():
+                field_dir = files_dir / field_name
+                field_dir.mkdir(mode=0o700)
+                target = field_dir / source.name
+                _move_or_copy(source, target, owned=source.is_relative_to(work_dir))
+                _fsync_file(target)
+                fsync_dir(field_dir)
+                files[field_name] = target
+            fsync_dir(files_dir)
+            entry = OutboxEntry(
+                folder=folder,
+                instance_key=instance.key,
+                runner_token_sha256=token_digest(instance.runner_token),
+                job=job,
+                output=JobOutput(files=files, fields=dict(output.fields)),
+                created_at=time.time(),
+            )
+            self._write(entry)
+            fsync_dir(self.root)
+        except BaseException:
+            # Disk full, say: the job fails (and is reported); an entry half made must not stay.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return entry
 
     def mark_attempted(self, entry: OutboxEntry) -> OutboxEntry:

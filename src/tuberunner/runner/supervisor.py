@@ -870,7 +870,13 @@ class Supervisor:
 
     async def _resume_outbox(self) -> None:
         """Results a previous run could not deliver: delivered again for registrations still configured."""
-        for entry in await asyncio.to_thread(self.outbox.load):
+        try:
+            entries = await asyncio.to_thread(self.outbox.load)
+        except OSError as exc:  # an unreadable outbox folder must not stop the daemon
+            log.error("cannot read the outbox %s: %s; its results are not delivered", self.outbox.root, exc)
+            self.record_error("outbox", str(exc))
+            return
+        for entry in entries:
             job = entry.job
             instance = self.config.instance(*entry.instance_key)
             worker = self.workers.get(entry.instance_key)
