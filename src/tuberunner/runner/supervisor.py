@@ -445,6 +445,7 @@ class Supervisor:
         logs.bind(runner=self.runner_id)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.sweep_work_dir()
+        waiting = self._load_outbox()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -456,7 +457,7 @@ class Supervisor:
                 ]
                 for instance in self.config.instances:
                     self._start_worker(instance)
-                await self._resume_outbox()
+                self._resume_outbox(waiting)
                 self.systemd.ready(f"{len(self.workers)} instance(s), {self.config.concurrency} slot(s)")
                 await self._stop.wait()
                 await self._shutdown()
@@ -868,14 +869,17 @@ class Supervisor:
                 log.info("job %s (%s): delivering its result to %s", job.uuid, job.type, worker.config.url)
         self._changed()
 
-    async def _resume_outbox(self) -> None:
-        """Results a previous run could not deliver: delivered again for registrations still configured."""
+    def _load_outbox(self) -> list[OutboxEntry]:
+        """At start, like the sweep of the work folder (before any job may be taken)."""
         try:
-            entries = await asyncio.to_thread(self.outbox.load)
+            return self.outbox.load()
         except OSError as exc:  # an unreadable outbox folder must not stop the daemon
             log.error("cannot read the outbox %s: %s; its results are not delivered", self.outbox.root, exc)
             self.record_error("outbox", str(exc))
-            return
+            return []
+
+    def _resume_outbox(self, entries: list[OutboxEntry]) -> None:
+        """Results a previous run could not deliver: delivered again for registrations still configured."""
         for entry in entries:
             job = entry.job
             instance = self.config.instance(*entry.instance_key)
@@ -892,7 +896,7 @@ class Supervisor:
             if reason is not None:
                 log.warning("dropping the waiting result of job %s (%s): %s", job.uuid, job.type, reason)
                 self.record_error(f"job {job.uuid}", f"result dropped: {reason}")
-                await asyncio.to_thread(self.outbox.remove, entry)
+                self.outbox.remove(entry)
                 continue
             assert worker is not None
             self._start_job(worker, job, entry)
