@@ -750,6 +750,16 @@ async def test_input_download_returns_the_source_bytes_and_honours_range(env: En
     assert beyond.status_code == 416
 
 
+def short_uuid(value: str) -> str:
+    """The 22-character short UUID PeerTube accepts for a video (`short-uuid`'s flickr base 58)."""
+    alphabet = "123456789abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
+    number, digits = uuid.UUID(value).int, ""
+    while number:
+        number, digit = divmod(number, len(alphabet))
+        digits = alphabet[digit] + digits
+    return digits.rjust(22, alphabet[0])
+
+
 async def test_input_download_video_checks(env: Env) -> None:
     token = await env.register("r")
     seeded = await env.seed()
@@ -757,11 +767,37 @@ async def test_input_download_video_checks(env: Env) -> None:
     jt = await env.accept(token, seeded.parent)
     body = {"runnerToken": token, "jobToken": jt}
     base = f"/api/v1/runners/jobs/{seeded.parent}/files/videos"
-    assert (await env.http.post(f"{base}/a%20b/max-quality", json=body)).status_code == 400
-    assert (await env.http.post(f"{base}/{uuid.uuid4()}/max-quality", json=body)).status_code == 404
+    # PeerTube's `isValidVideoIdParam`: an integer id, a UUID v4, or a short UUID; anything else is 400.
+    for malformed in ("a", "a%20b", "1.5", str(uuid.uuid1()), "0" * 22, seeded.video_uuid[:-1]):
+        bad = await env.http.post(f"{base}/{malformed}/max-quality", json=body)
+        assert bad.status_code == 400, malformed
+        assert bad.json()["detail"] == "Incorrect request parameters: videoId"
+    for same_video in (str(seeded.video_id), seeded.video_uuid.upper(), short_uuid(seeded.video_uuid)):
+        found = await env.http.post(f"{base}/{same_video}/max-quality", json=body)
+        assert (found.status_code, found.content) == (200, seeded.source_bytes), same_video
+    for unknown in (str(uuid.uuid4()), "999999", "-3", short_uuid(str(uuid.uuid4()))):
+        missing = await env.http.post(f"{base}/{unknown}/max-quality", json=body)
+        assert (missing.status_code, missing.json()["detail"]) == (404, "Video not found"), unknown
     assert (await env.http.post(f"{base}/{other.video_uuid}/max-quality", json=body)).status_code == 403
     get = await env.http.get(f"{base}/{seeded.video_uuid}/max-quality")
     assert 400 <= get.status_code < 500
+
+
+async def test_input_download_checks_the_job_before_the_video_id(env: Env) -> None:
+    """Spec §3.9: the job-of-runner checks come first, then the `videoId` parameter."""
+    token = await env.register("r")
+    seeded = await env.seed()
+    jt = await env.accept(token, seeded.parent)
+    base = f"/api/v1/runners/jobs/{seeded.parent}/files/videos/a/max-quality"
+    wrong_token = await env.http.post(base, json={"runnerToken": token, "jobToken": "ptrjt-not-this-one"})
+    assert (wrong_token.status_code, wrong_token.json()["detail"]) == (404, "Unknown runner job")
+    no_token = await env.http.post(base, json={"runnerToken": token})
+    assert (no_token.status_code, no_token.json()["detail"]) == (
+        400,
+        "Incorrect request parameters: jobToken",
+    )
+    right = await env.http.post(base, json={"runnerToken": token, "jobToken": jt})
+    assert (right.status_code, right.json()["detail"]) == (400, "Incorrect request parameters: videoId")
 
 
 async def test_studio_task_files_are_checked_by_name(env: Env) -> None:

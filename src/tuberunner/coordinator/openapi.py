@@ -392,6 +392,11 @@ def _op(
 
 _RUNNERS: Final = "/api/v1/runners"
 _FILES: Final = _RUNNERS + "/jobs/{jobUUID}/files/videos/{videoId}"
+_VIDEO_ID_PATTERN: Final = (
+    "^([+-]?[0-9]+"
+    "|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+    "|[1-9a-km-zA-HJ-NP-Z]{22})$"
+)
 _BINARY: Final = {"type": "string", "format": "binary"}
 
 
@@ -416,7 +421,13 @@ def _runner_paths() -> dict[str, Any]:
     }
     download_params = [
         _JOB_UUID_PARAM,
-        _path_param("videoId", {"type": "string", "pattern": "^[0-9a-zA-Z-]{1,100}$"}, "Video UUID."),
+        _path_param(
+            "videoId",
+            {"type": "string", "pattern": _VIDEO_ID_PATTERN},
+            "The video: an integer id, a UUID (version 4) or a 22-character short UUID, as PeerTube takes"
+            " them; anything else answers 400 `Incorrect request parameters: videoId` (after the job"
+            " checks).",
+        ),
         {
             "name": "Range",
             "in": "header",

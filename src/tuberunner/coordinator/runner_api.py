@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 import secrets
+import uuid as uuidlib
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _TASK_FILENAME = re.compile(r"^[a-z0-9-]+\.[a-z0-9]{1,8}$")
+# PeerTube's `isIdOrUUIDValid` after `toCompleteUUID`: validator.js `isInt` and `isUUID(value, 4)`; short
+# UUIDs are base 58 (the flickr alphabet of the `short-uuid` package), 22 characters long.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_UUID_V4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE)
+_BASE58 = "123456789abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
+_SHORT_UUID_LENGTH = 22
+_MAX_ROW_ID = 2**31 - 1
 _NO_CONTENT = 204
 # Extension of a stored result, by field: never taken from the client's file name.
 _RESULT_SUFFIX = {
@@ -393,12 +401,13 @@ async def download(request: Request) -> Response:
     c = coordinator_of(request)
     async with _body(request) as body:
         job = await _job_of_runner(c, request, body, _PROCESSING)
-    video_id = request.path_params["video_id"]
-    if not (
-        isinstance(video_id, str) and 1 <= len(video_id) <= 100 and re.fullmatch(r"[0-9a-zA-Z-]+", video_id)
-    ):
+    ident = _video_ident(str(request.path_params["video_id"]))
+    if ident is None:
         raise invalid_params(["videoId"])
-    video = await c.videos.by_uuid(video_id)
+    if isinstance(ident, int):
+        video = await c.videos.by_id(ident) if 1 <= ident <= _MAX_ROW_ID else None
+    else:
+        video = await c.videos.by_uuid(ident)
     if video is None:
         raise NotFound(Message.VIDEO_NOT_FOUND)
     if job.private_payload.get("videoUUID") != video.uuid:
@@ -427,6 +436,26 @@ async def download(request: Request) -> Response:
     if url is not None:
         return redirect_response(url)
     return await stored_file_response(c.storage, file.path, request.headers.get("range"))
+
+
+def _video_ident(value: str) -> int | str | None:
+    """PeerTube's `videoId` parameter: a short UUID (22 characters) made whole, then an integer id or a
+    version 4 UUID (lower-cased: PostgreSQL's uuid type ignores case); None when it is neither."""
+    if len(value) == _SHORT_UUID_LENGTH:
+        number = 0
+        for char in value:
+            digit = _BASE58.find(char)
+            if digit < 0:
+                return None
+            number = number * len(_BASE58) + digit
+        if number >= 1 << 128:
+            return None
+        value = str(uuidlib.UUID(int=number))
+    if _INTEGER.fullmatch(value):
+        return int(value) if len(value) <= 12 else 0  # 0: beyond any row id, so not found
+    if _UUID_V4.fullmatch(value):
+        return value.lower()
+    return None
 
 
 def _kind_of(request: Request) -> str:
