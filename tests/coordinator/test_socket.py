@@ -222,3 +222,32 @@ async def test_an_expired_lease_tells_the_runner_that_held_the_job(
         finally:
             await holder.client.disconnect()
             await bystander.client.disconnect()
+
+
+async def test_a_job_made_pending_while_a_ping_is_being_sent_gets_a_ping_of_its_own(env: Env) -> None:
+    """Runners woken by a ping that is already on its way may ask before a job pending since then is
+    committed: that job needs the next ping, not to be merged into the one being sent."""
+    token = await env.register("listener")
+    listener = Listener()
+    await listener.connect(env.running.url, {"runnerToken": token})
+    sio = env.c.notifier.sio
+    emit = sio.emit
+    sending, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_first_emit(*args: Any, **kwargs: Any) -> None:
+        if not sending.is_set():  # the first ping stays on its way until released
+            sending.set()
+            await release.wait()
+        await emit(*args, **kwargs)
+
+    sio.emit = slow_first_emit
+    try:
+        await env.seed(children=0)
+        await asyncio.wait_for(sending.wait(), 5)
+        await env.seed(children=0)  # pending while the first ping is being sent
+        release.set()
+        await listener.next_ping()
+        await listener.next_ping()
+    finally:
+        sio.emit = emit
+        await listener.client.disconnect()

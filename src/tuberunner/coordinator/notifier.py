@@ -67,12 +67,16 @@ class Notifier:
     def available_jobs(self) -> None:
         if self._scheduled is not None and not self._scheduled.done():
             return
-        self._scheduled = asyncio.get_running_loop().create_task(
-            self._emit_later(), name="available-jobs-ping"
-        )
+        task = asyncio.get_running_loop().create_task(self._emit_later(), name="available-jobs-ping")
+        self._scheduled = task
+        self._sending.add(task)  # kept (and cancelled by `close`) until it has sent
+        task.add_done_callback(self._sending.discard)
 
     async def _emit_later(self) -> None:
         await asyncio.sleep(self.debounce_s)
+        # From here on a new trigger needs a ping of its own: runners woken by this one may already have
+        # asked before the job that triggered it was committed.
+        self._scheduled = None
         try:
             await self.sio.emit(AVAILABLE_JOBS_EVENT, namespace=NAMESPACE)
             self.pings_sent += 1
