@@ -81,6 +81,15 @@ def coordinator_serve(
         str | None, typer.Option("--public-url", help="URL runners use to reach this coordinator")
     ] = None,
     lease: Annotated[float, typer.Option("--lease", help="Seconds a job lives without an update")] = 120.0,
+    unclaimed_after: Annotated[
+        float,
+        typer.Option(
+            "--unclaimed-after",
+            min=1.0,
+            help="Seconds a pending job may go untaken by every connected runner before it is reported "
+            "(storyboards are then made by the coordinator)",
+        ),
+    ] = 180.0,
     redis_url: Annotated[
         str | None,
         typer.Option(
@@ -122,6 +131,7 @@ def coordinator_serve(
         database_url=database_url,
         public_url=public_url,
         default_lease_s=lease,
+        unclaimed_after_s=unclaimed_after,
         admin_token=os.environ.get("TUBERUNNER_ADMIN_TOKEN") or None,
         redis_url=redis_url,
         storage=storage,
@@ -236,16 +246,23 @@ def coordinator_submit(
 
 @coordinator_app.command("status")
 def coordinator_status(
-    video_id: Annotated[str, typer.Argument(help="Video id or uuid")],
+    video_id: Annotated[
+        str | None, typer.Argument(help="Video id or uuid; without it, the jobs no connected runner takes")
+    ] = None,
     url: _Url = DEFAULT_URL,
     admin_token: _Token = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show a video's state, jobs and outputs."""
+    """Show a video's state, jobs, attachments and outputs; or the pending jobs no connected runner takes."""
     from tuberunner.coordinator import ingest_client as ic
 
     try:
-        video = ic.video_status(url, ic.resolve_admin_token(admin_token), video_id)
+        token = ic.resolve_admin_token(admin_token)
+        if video_id is None:
+            unclaimed = ic.unclaimed_jobs(url, token)
+            typer.echo(json.dumps(unclaimed, indent=2) if as_json else ic.format_unclaimed(unclaimed))
+            return
+        video = ic.video_status(url, token, video_id)
     except ic.ClientError as exc:
         _fail(exc)
     typer.echo(json.dumps(video, indent=2) if as_json else ic.format_status(video))

@@ -33,6 +33,7 @@ from tests.support.servers import ADMIN_TOKEN, RunningCoordinator
 from tests.support.tcp_proxy import Plan, TcpProxy
 from tuberunner import __version__
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.jobs import AvailableJobs
 from tuberunner.coordinator.models import Job, JobSpec
 from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.media.samples import make_sample_clip
@@ -548,20 +549,20 @@ class CoordinatorCalls:
         self._progress: dict[str, asyncio.Event] = {}
         self.requested = asyncio.Event()
         jobs = running.coordinator.jobs
-        update, available = jobs.update, jobs.available_jobs_body
+        update, available = jobs.update, jobs.available_jobs
 
         async def on_update(job: Job, progress: int | None) -> None:
             await update(job, progress)
             if progress:
                 self.progress(job.uuid).set()
 
-        async def on_request(base_url: str, job_types: frozenset[str] | None) -> bytes:
-            body = await available(base_url, job_types)
+        async def on_request(base_url: str, job_types: frozenset[str] | None) -> AvailableJobs:
+            answer = await available(base_url, job_types)
             self.requested.set()
-            return body
+            return answer
 
         monkeypatch.setattr(jobs, "update", on_update)
-        monkeypatch.setattr(jobs, "available_jobs_body", on_request)
+        monkeypatch.setattr(jobs, "available_jobs", on_request)
         try_update = getattr(jobs, "try_update", None)
         if try_update is not None:
 

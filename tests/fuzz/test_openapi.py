@@ -29,6 +29,7 @@ _ADMIN_PATHS = {
     "/api/v1/runners",
     "/api/v1/runners/{runnerId}",
     "/api/v1/runners/jobs",
+    "/api/v1/runners/jobs/unclaimed",
     "/api/v1/runners/jobs/{jobUUID}/cancel",
     "/api/v1/runners/jobs/{jobUUID}",
 }

@@ -6,7 +6,10 @@
                                                           are re-queued
     GET    /api/v1/runners                                200 {total, data: Runner[]}
     DELETE /api/v1/runners/{runnerId}                     204; its processing jobs are re-queued
-    GET    /api/v1/runners/jobs                           200 {total, data: RunnerJobAdmin[]}
+    GET    /api/v1/runners/jobs                           200 {total, data: RunnerJobAdmin[]}; each job also
+                                                          has `unclaimedSince` (see `claims`)
+    GET    /api/v1/runners/jobs/unclaimed                 200 {total, data: UnclaimedJob[]}: the pending jobs
+                                                          no connected runner takes
     POST   /api/v1/runners/jobs/{jobUUID}/cancel          204; descendants become parent-cancelled
     DELETE /api/v1/runners/jobs/{jobUUID}                 204; cancelled first, descendants deleted too
 
@@ -35,6 +38,7 @@ from starlette.routing import BaseRoute, Route
 from tuberunner.coordinator import admin_queries
 from tuberunner.coordinator.admin_queries import JobFilter, Page, Sort
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
+from tuberunner.coordinator.models import iso
 from tuberunner.coordinator.problems import NotFound, invalid_params
 from tuberunner.protocol.errors import Message
 from tuberunner.protocol.jobs import JobState, JobType
@@ -242,7 +246,21 @@ async def list_jobs(request: Request) -> Response:
     where = JobFilter(uuid=job_uuid, text=text, states=states, types=types)
     total, found = await admin_queries.list_jobs(coordinator.db, page, sort, where)
     base_url = base_url_of(request)
-    return JSONResponse({"total": total, "data": [job.as_json(base_url) for job in found]})
+    data = []
+    for job in found:
+        body = job.as_json(base_url)
+        body["unclaimedSince"] = iso(coordinator.claims.unclaimed_since(job.job))
+        data.append(body)
+    return JSONResponse({"total": total, "data": data})
+
+
+async def list_unclaimed_jobs(request: Request) -> Response:
+    coordinator = _admin(request)
+    query = _Query(request)
+    page = query.page()
+    query.check()
+    total, found = await coordinator.claims.page(page.start, page.count)
+    return JSONResponse({"total": total, "data": [job.as_json() for job in found]})
 
 
 async def cancel_job(request: Request) -> Response:
@@ -271,6 +289,7 @@ routes: list[BaseRoute] = [
     Route("/api/v1/runners/registration-tokens/{token_id}", delete_registration_token, methods=["DELETE"]),
     Route("/api/v1/runners", list_runners, methods=["GET"]),
     Route("/api/v1/runners/jobs", list_jobs, methods=["GET"]),
+    Route("/api/v1/runners/jobs/unclaimed", list_unclaimed_jobs, methods=["GET"]),
     Route("/api/v1/runners/jobs/{job_uuid}/cancel", cancel_job, methods=["POST"]),
     Route("/api/v1/runners/jobs/{job_uuid}", delete_job, methods=["DELETE"]),
     Route("/api/v1/runners/{runner_id}", delete_runner, methods=["DELETE"]),

@@ -37,6 +37,9 @@ class CoordinatorConfig:
     view_ttl_s: float = 2.0
     # In-memory lastContact values are written to the database this often.
     last_contact_flush_s: float = 5.0
+    # A pending job whose type no connected runner has taken for this long is "unclaimed": shown, counted,
+    # logged; an unclaimed storyboard is made by the coordinator itself (`claims`, `builtin_storyboards`).
+    unclaimed_after_s: float = 180.0
     admin_token: str | None = None
     redis_url: str | None = None
     # Where stored files live: None for `<data_dir>/files`, another folder, or `s3://BUCKET/PREFIX`.

@@ -9,7 +9,9 @@ from contextlib import suppress
 from starlette.requests import Request
 
 from tuberunner.coordinator.admin_auth import AdminAuth, announce_new_token
+from tuberunner.coordinator.builtin_storyboards import BuiltinStoryboards
 from tuberunner.coordinator.change_bus import ChangeBus
+from tuberunner.coordinator.claims import ClaimWatch
 from tuberunner.coordinator.completion import VideoCompleter
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.database import Database
@@ -41,6 +43,15 @@ class Coordinator:
         )
         self.runners = RunnerRegistry(self.db, self.jobs)
         self.notifier = Notifier(self.runners, config.ping_debounce_s, config.redis_url)
+        self.claims = ClaimWatch(
+            self.db,
+            config,
+            contact_of=self.runners.contact_of,
+            connected=self.notifier.namespace.runner_of_sid.values,
+        )
+        self.storyboards = BuiltinStoryboards(
+            self.jobs, self.videos, self.storage, self.runners, config, on_own_runner=self.claims.ignore
+        )
         # With Redis, several coordinator processes share the database and tell each other what changed.
         self.bus = ChangeBus(config.redis_url) if config.redis_url else None
         self.runners.on_removed = self._runners_removed
@@ -55,6 +66,8 @@ class Coordinator:
         self.notifier.available_jobs()
 
     async def _runners_removed(self, runner_ids: set[int]) -> None:
+        self.claims.forget(runner_ids)
+        self.storyboards.runners_removed(runner_ids)
         await self.notifier.disconnect_runners(runner_ids)
         if self.bus is not None:
             await self.bus.runners_removed(runner_ids)
@@ -88,6 +101,10 @@ class Coordinator:
                 ),
                 name="contact-flush",
             ),
+            asyncio.create_task(
+                run_forever(self.claims.sweep_interval_s, self._watch_claims, "unclaimed-job watch"),
+                name="unclaimed-job-watch",
+            ),
         ]
         if self.bus is not None:
             self._tasks += [
@@ -103,12 +120,16 @@ class Coordinator:
             return 0
         return await self.jobs.reap_expired()
 
+    async def _watch_claims(self) -> None:
+        self.storyboards.take(await self.claims.sweep())
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with suppress(asyncio.CancelledError):
                 await task
+        await self.storyboards.stop()
         await self.jobs.cancel_completions()
         await self.reaper_lock.release()
         with suppress(Exception):

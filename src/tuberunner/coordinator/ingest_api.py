@@ -21,8 +21,12 @@ files are kept as the video's task files, served to that job only, and removed o
 Public static files (no token, like PeerTube's): see `video_outputs` for the URL of each kind. A URL only
 ever reaches a file recorded for that video, of that kind, inside that video's folder.
 
-A video's state is derived from its jobs: `processing` while one is not final, then `failed` when one
-errored (or its parent did), `cancelled` when one was cancelled, else `published`.
+A video's state is derived from the jobs that make what it plays (web videos, HLS, audio merge, studio),
+as PeerTube publishes a video once its transcoding is done: `processing` while one is not final, then
+`failed` when one errored (or its parent did), `cancelled` when one was cancelled, else `published`.
+Storyboard and caption jobs never hold a video back: they are listed under `attachments` (pending, done,
+failed or cancelled, with `unclaimedSince` while no connected runner takes them, see `claims`) and their
+files join the outputs when they are done.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import re
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -73,7 +77,7 @@ from tuberunner.media.probe import MediaInfo, probe
 from tuberunner.media.process import run_ffmpeg
 from tuberunner.media.profiles import VOD_RESOLUTIONS
 from tuberunner.protocol.errors import Message
-from tuberunner.protocol.jobs import JobState
+from tuberunner.protocol.jobs import JobState, JobType
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +446,16 @@ async def get_video(request: Request) -> Response:
     video = await _find_video(c, request.path_params["video_id"])
     rows = await _jobs_of(c, [video.id])
     files = await c.videos.files(video.id)
-    return JSONResponse(video_json(base_url_of(request), video, rows.get(video.id, []), files, details=True))
+    return JSONResponse(
+        video_json(
+            base_url_of(request),
+            video,
+            rows.get(video.id, []),
+            files,
+            details=True,
+            unclaimed_since=c.claims.unclaimed_since,
+        )
+    )
 
 
 async def list_videos(request: Request) -> Response:
@@ -479,7 +492,17 @@ async def list_videos(request: Request) -> Response:
         files.setdefault(row["video_id"], []).append(VideoFile.from_row(row))
     job_rows = await _jobs_of(c, ids)
     base_url = base_url_of(request)
-    data = [video_json(base_url, v, job_rows.get(v.id, []), files.get(v.id, []), details=False) for v in page]
+    data = [
+        video_json(
+            base_url,
+            v,
+            job_rows.get(v.id, []),
+            files.get(v.id, []),
+            details=False,
+            unclaimed_since=c.claims.unclaimed_since,
+        )
+        for v in page
+    ]
     return JSONResponse({"total": total, "data": data})
 
 
@@ -532,6 +555,15 @@ async def _jobs_of(c: Coordinator, video_ids: list[int]) -> dict[int, list[Job]]
 
 
 _PLAYABLE_KINDS = frozenset({"web-video", "hls-master"})
+# Jobs whose files attach to a video without holding its publication back, by the name of what they make.
+ATTACHMENT_KINDS: Final = {JobType.STORYBOARD: "storyboard", JobType.TRANSCRIPTION: "captions"}
+_ATTACHMENT_STATES: Final = {
+    JobState.COMPLETED: "done",
+    JobState.ERRORED: "failed",
+    JobState.PARENT_ERRORED: "failed",
+    JobState.CANCELLED: "cancelled",
+    JobState.PARENT_CANCELLED: "cancelled",
+}
 
 
 def video_state(states: Sequence[JobState], *, playable: bool) -> str:
@@ -547,7 +579,13 @@ def video_state(states: Sequence[JobState], *, playable: bool) -> str:
 
 
 def video_json(
-    base_url: str, video: Video, video_jobs: list[Job], files: list[VideoFile], *, details: bool
+    base_url: str,
+    video: Video,
+    video_jobs: list[Job],
+    files: list[VideoFile],
+    *,
+    details: bool,
+    unclaimed_since: Callable[[Job], float | None],
 ) -> dict[str, Any]:
     by_id = {j.id: j for j in video_jobs}
     errors = [
@@ -560,14 +598,23 @@ def video_json(
         "byState": dict(Counter(_STATE_KEYS[j.state] for j in video_jobs)),
     }
     if details:
-        summary["list"] = [_job_json(j, by_id) for j in video_jobs]
+        summary["list"] = [_job_json(j, by_id, unclaimed_since(j)) for j in video_jobs]
+    publishing = [j.state for j in video_jobs if j.type not in ATTACHMENT_KINDS]
+    attachments = [
+        {
+            "kind": ATTACHMENT_KINDS[j.type],
+            "job": j.uuid,
+            "state": _ATTACHMENT_STATES.get(j.state, "pending"),
+            "unclaimedSince": iso(unclaimed_since(j)),
+        }
+        for j in video_jobs
+        if j.type in ATTACHMENT_KINDS
+    ]
     return {
         "id": video.id,
         "uuid": video.uuid,
         "name": video.name,
-        "state": video_state(
-            [j.state for j in video_jobs], playable=any(f.kind in _PLAYABLE_KINDS for f in files)
-        ),
+        "state": video_state(publishing, playable=any(f.kind in _PLAYABLE_KINDS for f in files)),
         "error": "; ".join(e["message"] for e in errors) or None,
         "errors": errors,
         "createdAt": iso(video.created_at),
@@ -575,11 +622,12 @@ def video_json(
         "options": video.options,
         "source": video.source,
         "jobs": summary,
+        "attachments": attachments,
         "outputs": outputs_json(base_url, video.uuid, files),
     }
 
 
-def _job_json(job: Job, by_id: Mapping[int, Job]) -> dict[str, Any]:
+def _job_json(job: Job, by_id: Mapping[int, Job], unclaimed_since: float | None) -> dict[str, Any]:
     output = job.payload.get("output")
     parent = by_id.get(job.parent_id) if job.parent_id is not None else None
     return {
@@ -595,6 +643,7 @@ def _job_json(job: Job, by_id: Mapping[int, Job]) -> dict[str, Any]:
         "parentUuid": parent.uuid if parent else None,
         "startedAt": iso(job.started_at),
         "finishedAt": iso(job.finished_at),
+        "unclaimedSince": iso(unclaimed_since),
     }
 
 

@@ -1,6 +1,9 @@
 """Blocking HTTP helpers behind the CLI's coordinator client verbs (`submit`, `status`,
 `registration-token create`).
 
+`status` with a video shows its state, jobs, attachments (storyboard, captions) and outputs; without one,
+the pending jobs no connected runner takes (`GET /api/v1/runners/jobs/unclaimed`).
+
 Every call has deadlines (connect, read, write, pool), streams uploads from disk, and turns every failure
 into one `ClientError` whose message can be printed as is: the coordinator's problem `detail` for an HTTP
 error, the cause for a network error.
@@ -18,6 +21,8 @@ from typing import Any, Final
 import httpx
 
 DEFAULT_URL: Final = "http://127.0.0.1:9000"
+# Jobs listed under a video's `attachments` (their unclaimed state is shown there).
+_ATTACHMENT_TYPES: Final = frozenset({"generate-video-storyboard", "video-transcription"})
 ADMIN_TOKEN_ENV: Final = "TUBERUNNER_ADMIN_TOKEN"
 # The coordinator probes and stores an upload before it answers: allow it a long read.
 DEFAULT_TIMEOUT: Final = httpx.Timeout(connect=10.0, read=300.0, write=300.0, pool=10.0)
@@ -108,6 +113,21 @@ def video_status(
     return answer
 
 
+def unclaimed_jobs(
+    url: str,
+    admin_token: str,
+    *,
+    timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
+    """`{total, data}` of `GET /api/v1/runners/jobs/unclaimed` (the first hundred)."""
+    with _client(url, admin_token, timeout, transport) as client:
+        answer = _call(client, "GET", "/api/v1/runners/jobs/unclaimed", params={"count": 100})
+    if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+        raise ClientError(f"unexpected answer from the coordinator: {answer!r}")
+    return answer
+
+
 def create_registration_token(
     url: str,
     admin_token: str,
@@ -140,6 +160,18 @@ def format_status(video: dict[str, Any]) -> str:
     ]
     for error in video.get("errors") or []:
         lines.append(f"error: {error.get('type')} {error.get('job')}: {error.get('message')}")
+    for attachment in video.get("attachments") or []:
+        line = f"{attachment.get('kind')}: {attachment.get('state')}"
+        if attachment.get("unclaimedSince"):
+            since = attachment["unclaimedSince"]
+            line += f" (unclaimed: no connected runner has taken its job type since {since})"
+        lines.append(line)
+    for job in jobs.get("list") or []:
+        if job.get("unclaimedSince") and job.get("type") not in _ATTACHMENT_TYPES:
+            lines.append(
+                f"unclaimed: {job.get('type')} {job.get('uuid')}: no connected runner has taken this "
+                f"job type since {job['unclaimedSince']}"
+            )
     outputs = video.get("outputs") or {}
     for web in outputs.get("webVideos") or []:
         lines.append(f"web video {web.get('resolution')}p: {web.get('url')}")
@@ -150,6 +182,21 @@ def format_status(video: dict[str, Any]) -> str:
         lines.append(f"caption {caption.get('language')}: {caption.get('url')}")
     for storyboard in outputs.get("storyboards") or []:
         lines.append(f"storyboard: {storyboard.get('url')}")
+    return "\n".join(lines)
+
+
+def format_unclaimed(answer: dict[str, Any]) -> str:
+    """`coordinator status` without a video: the pending jobs no connected runner takes."""
+    jobs = answer.get("data") or []
+    if not jobs:
+        return "every pending job has a connected runner that takes its type"
+    lines = [f"{answer.get('total', len(jobs))} pending job(s) no connected runner takes:"]
+    for job in jobs:
+        then = "the coordinator makes it" if job.get("fallback") == "coordinator" else "waits for a runner"
+        lines.append(
+            f"{job.get('type')} {job.get('uuid')} (video {job.get('videoUUID')}): unclaimed since "
+            f"{job.get('unclaimedSince')}; {then}"
+        )
     return "\n".join(lines)
 
 

@@ -104,6 +104,14 @@ class _Pending:
 
 
 @dataclass(frozen=True)
+class AvailableJobs:
+    """The answer of `jobs/request` (JSON bytes) and what it offers, in order: (uuid, type) pairs."""
+
+    body: bytes
+    offered: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class _Load:
     """One read of the pending view: `seq` counts the reads started, so a waiter can tell whether a
     read started after it arrived (then its result is good enough for it, kept or not)."""
@@ -190,7 +198,7 @@ class JobService:
         # decision (cancel, delete, lease expiry): they stop its work without waiting for a heartbeat.
         self.on_taken_back: Callable[[set[int]], None] | None = None
         self._pending_lock = asyncio.Lock()
-        self._answers: dict[tuple[str, frozenset[str] | None], bytes] = {}
+        self._answers: dict[tuple[str, frozenset[str] | None], AvailableJobs] = {}
         self._completions: dict[int, asyncio.Task[None]] = {}
         self.lease_expiries_total = 0
         self._build_statements()
@@ -294,8 +302,8 @@ class JobService:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
         return Job.from_row(row)
 
-    async def available_jobs_body(self, base_url: str, job_types: frozenset[str] | None) -> bytes:
-        """The JSON answer of `jobs/request`, served from memory while no job changed state."""
+    async def available_jobs(self, base_url: str, job_types: frozenset[str] | None) -> AvailableJobs:
+        """The answer of `jobs/request`, served from memory while no job changed state."""
         if self._pending is not None and time.monotonic() - self._pending_loaded_at > self.config.view_ttl_s:
             self.invalidate()  # a bound on staleness when another process changed jobs unannounced
         key = (base_url, job_types)
@@ -313,9 +321,10 @@ class JobService:
             },
             separators=(",", ":"),
         ).encode()
+        answer = AvailableJobs(body, tuple((e.uuid, e.type) for e in entries))
         if generation == self._generation and self._pending is not None and len(self._answers) < 256:
-            self._answers[key] = body
-        return body
+            self._answers[key] = answer
+        return answer
 
     async def _available(self, job_types: frozenset[str] | None) -> list[_Pending]:
         pending, complete = self._pending, self._pending_complete

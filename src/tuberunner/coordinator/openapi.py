@@ -167,12 +167,43 @@ def _schemas() -> dict[str, Schema]:
                             },
                             ("uuid", "type", "state"),
                         ),
+                        "unclaimedSince": _nullable(
+                            {
+                                **_TIMESTAMP,
+                                "description": "Set while the job is unclaimed: pending, and no connected"
+                                " runner has taken its type since then (for at least the unclaimed wait,"
+                                " `--unclaimed-after`). A Tuberunner extension.",
+                            }
+                        ),
                     },
-                    ("privatePayload",),
+                    ("privatePayload", "unclaimedSince"),
                 ),
             ],
             "description": "Spec §5.1, admin view: never the job token.",
         },
+        "UnclaimedJob": _object(
+            {
+                "uuid": {"type": "string", "format": "uuid"},
+                "type": _ref("JobType"),
+                "videoUUID": _nullable({"type": "string"}),
+                "pendingSince": _TIMESTAMP,
+                "unclaimedSince": {
+                    **_TIMESTAMP,
+                    "description": "Since when no connected runner has taken this job type (at least the"
+                    " unclaimed wait ago).",
+                },
+                "fallback": _nullable(
+                    {
+                        "type": "string",
+                        "enum": ["coordinator"],
+                        "description": "`coordinator`: the coordinator makes it itself (storyboards);"
+                        " null: it waits for a runner that takes its type.",
+                    }
+                ),
+            },
+            ("uuid", "type", "videoUUID", "pendingSince", "unclaimedSince", "fallback"),
+            description="A pending job that no connected runner takes (a Tuberunner extension).",
+        ),
         "AvailableJob": _object(
             {
                 "uuid": {"type": "string", "format": "uuid"},
@@ -260,13 +291,51 @@ def _schemas() -> dict[str, Schema]:
                     {
                         "total": {"type": "integer", "minimum": 0},
                         "byState": {"type": "object", "additionalProperties": {"type": "integer"}},
-                        "list": {"type": "array", "items": {"type": "object"}},
+                        "list": {
+                            "type": "array",
+                            "items": {"type": "object"},
+                            "description": "With `details`: each job's uuid, type, state, priority,"
+                            " progress, failures, error, resolution, fps, parentUuid, startedAt, finishedAt"
+                            " and unclaimedSince (set while no connected runner takes its type).",
+                        },
                     },
                     ("total", "byState"),
                 ),
+                "attachments": {
+                    "type": "array",
+                    "description": "Storyboard and caption jobs: they never hold the video back (its"
+                    " `state` follows the web video and HLS jobs only); their files join `outputs` when"
+                    " done.",
+                    "items": _object(
+                        {
+                            "kind": {"type": "string", "enum": ["storyboard", "captions"]},
+                            "job": {"type": "string", "format": "uuid"},
+                            "state": {"type": "string", "enum": ["pending", "done", "failed", "cancelled"]},
+                            "unclaimedSince": _nullable(
+                                {
+                                    **_TIMESTAMP,
+                                    "description": "Set while no connected runner takes the job's type.",
+                                }
+                            ),
+                        },
+                        ("kind", "job", "state", "unclaimedSince"),
+                    ),
+                },
                 "outputs": _ref("VideoOutputs"),
             },
-            ("id", "uuid", "name", "state", "error", "errors", "createdAt", "updatedAt", "jobs", "outputs"),
+            (
+                "id",
+                "uuid",
+                "name",
+                "state",
+                "error",
+                "errors",
+                "createdAt",
+                "updatedAt",
+                "jobs",
+                "attachments",
+                "outputs",
+            ),
         ),
     }
 
@@ -747,6 +816,16 @@ def _admin_paths() -> dict[str, Any]:
                     ),
                 ],
                 operation_id="listJobs",
+            )
+        },
+        _RUNNERS + "/jobs/unclaimed": {
+            "get": _op(
+                "List the pending jobs no connected runner takes (a Tuberunner extension)",
+                "admin",
+                {"200": listing("UnclaimedJob"), **_problems(*admin)},
+                security=_ADMIN,
+                parameters=list(_PAGE_PARAMS),
+                operation_id="listUnclaimedJobs",
             )
         },
         _RUNNERS + "/jobs/{jobUUID}/cancel": {

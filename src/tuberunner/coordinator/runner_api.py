@@ -192,9 +192,11 @@ async def request_jobs(request: Request) -> Response:
         auth = await _runner(c, token, request)
         if version is not None and version != auth.version:
             await c.runners.set_version(auth, version)
+            c.claims.forget([auth.runner.id])  # another program: what the old one took tells nothing
     types = frozenset(job_types) if job_types is not None else None
-    answer = await c.jobs.available_jobs_body(base_url_of(request), types)
-    return Response(answer, media_type="application/json", headers=_pushes(c))
+    answer = await c.jobs.available_jobs(base_url_of(request), types)
+    c.claims.asked(auth.runner.id, types, answer.offered)
+    return Response(answer.body, media_type="application/json", headers=_pushes(c))
 
 
 def _pushes(c: Coordinator) -> dict[str, str]:
@@ -212,10 +214,13 @@ async def accept(request: Request) -> Response:
             taken = await c.jobs.try_accept(job_uuid, known.runner.id)
             if taken is not None:
                 c.runners.touch(known.runner.id, _client_ip(request))
+                c.claims.tried(known.runner.id, job_uuid, taken.type, accepted=True)
                 return await _accepted(request, taken, known)
         job = await c.jobs.get(job_uuid)
         if job is None:
             raise NotFound(Message.UNKNOWN_RUNNER_JOB)
+        if known is not None:
+            c.claims.tried(known.runner.id, job_uuid, job.type, accepted=False)
         if job.state != JobState.PENDING:
             # Taken by another runner: that is a lost race, always 409 with its code. Other states
             # answer PeerTube's 400, with the code too so that clients branching on codes ignore it.
@@ -226,6 +231,7 @@ async def accept(request: Request) -> Response:
         assert token is not None
         auth = await _runner(c, token, request)
         accepted = await c.jobs.accept(job, auth.runner.id)
+        c.claims.tried(auth.runner.id, job_uuid, accepted.type, accepted=True)
     return await _accepted(request, accepted, auth)
 
 

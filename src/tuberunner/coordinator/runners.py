@@ -129,6 +129,46 @@ class RunnerRegistry:
             assert key is not None
         return int(key[0]), token
 
+    async def own_runner(self, name: str, description: str, version: str) -> int:
+        """The row of the coordinator's own runner (a job the coordinator does itself is held by it, as
+        every processing job is held by a runner), created at first need under the oldest registration
+        token. Its token is random and never leaves the database: no client can act as it."""
+        async with self.db.write() as conn:
+            found = (await conn.execute(select(runners.c.id).where(runners.c.name == name))).scalar()
+            if found is not None:
+                return int(found)
+            reg_id = (
+                await conn.execute(
+                    select(registration_tokens.c.id).order_by(registration_tokens.c.id).limit(1)
+                )
+            ).scalar()
+            now = self.clock()
+            if reg_id is None:
+                created = await conn.execute(
+                    insert(registration_tokens).values(
+                        token=REGISTRATION_TOKEN_PREFIX + str(uuidlib.uuid4()), created_at=now, updated_at=now
+                    )
+                )
+                reg_key = created.inserted_primary_key
+                assert reg_key is not None
+                reg_id = reg_key[0]
+            result = await conn.execute(
+                insert(runners).values(
+                    token=RUNNER_TOKEN_PREFIX + str(uuidlib.uuid4()),
+                    name=name,
+                    description=description,
+                    version=version,
+                    ip=None,
+                    last_contact=now,
+                    created_at=now,
+                    updated_at=now,
+                    registration_token_id=reg_id,
+                )
+            )
+            key = result.inserted_primary_key
+            assert key is not None
+        return int(key[0])
+
     async def set_version(self, auth: RunnerAuth, version: str) -> None:
         async with self.db.write() as conn:
             await conn.execute(

@@ -170,7 +170,7 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
         async with _running(supervisors):
             video_uuid, resumed = await _submit_or_resume(http, options, state_dir)
             video, done_before = await _follow(http, video_uuid, observe, stop)
-        if video["state"] != "published":
+        if video["state"] != "published" or _attachments(video, "failed", "cancelled"):
             raise TranscodeError(_failure_message(video))
         export = await export_outputs(http, video, options.output)
     return TranscodeResult(
@@ -309,7 +309,8 @@ async def _follow(
         if done_before is None:
             done_before = int(video["jobs"]["byState"].get("completed", 0))
         observe(video)
-        if video["state"] in _FINAL_STATES:
+        # Published comes first; the storyboard and captions asked for are waited for too.
+        if video["state"] in _FINAL_STATES and not _attachments(video, "pending"):
             return video, done_before
         _check_runnable(video)
         try:
@@ -317,6 +318,10 @@ async def _follow(
         except TimeoutError:
             continue
         raise TranscodeError("interrupted; run the same command again to resume", exit_code=130)
+
+
+def _attachments(video: dict[str, Any], *states: str) -> list[dict[str, Any]]:
+    return [a for a in video.get("attachments", []) if a.get("state") in states]
 
 
 def _check_runnable(video: dict[str, Any]) -> None:
@@ -339,7 +344,7 @@ def _problem(answer: httpx.Response, context: str) -> str:
 
 
 def _failure_message(video: dict[str, Any]) -> str:
-    if video["state"] == "cancelled":
+    if video["state"] == "cancelled" or (not video.get("errors") and _attachments(video, "cancelled")):
         return "the transcoding was cancelled"
     errors = video.get("errors") or []
     if not errors:

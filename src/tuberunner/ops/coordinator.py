@@ -3,8 +3,9 @@
     /healthz   the event loop turns (the loop monitor's last tick is fresh, its lag small)
     /readyz    the database answers `SELECT 1`, the files folder takes a new file, the socket layer is up
                (with Redis: its server answers PING), the loop turns, the app has started
-    /metrics   Prometheus text: jobs by type and state (queue depth and outcomes), registered runners, open
-               runner sockets, lease expiries, available-jobs pings, uploads left by a crash and removed
+    /metrics   Prometheus text: jobs by type and state (queue depth and outcomes), pending jobs no connected
+               runner takes, registered runners, open runner sockets, lease expiries, available-jobs pings,
+               storyboards the coordinator made itself, uploads left by a crash and removed
 
 The job counts are read from the database when Prometheus scrapes, by one grouped query (its result is
 kept `cache_s` so that many scrapers cost one query), never counted on the hot path. Each check and the
@@ -203,6 +204,19 @@ class _CoordinatorCollector:
                     by_state.add_metric([str(job_type), state.name.lower()], value)
             yield by_state
             yield GaugeMetricFamily("tuberunner_coordinator_runners", "Registered runners", counts.runners)
+        unclaimed = GaugeMetricFamily(
+            "tuberunner_coordinator_unclaimed_jobs",
+            "Pending jobs whose type no connected runner has taken for the unclaimed wait, by type",
+            labels=["job_type"],
+        )
+        for job_type in JobType:
+            unclaimed.add_metric([str(job_type)], coordinator.claims.counts.get(str(job_type), 0))
+        yield unclaimed
+        yield CounterMetricFamily(
+            "tuberunner_coordinator_builtin_storyboards",
+            "Storyboards no connected runner took, made by this coordinator process itself",
+            coordinator.storyboards.made,
+        )
         yield GaugeMetricFamily(
             "tuberunner_coordinator_runner_sockets",
             "Runner sockets open on this process",
