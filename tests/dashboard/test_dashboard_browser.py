@@ -244,3 +244,34 @@ async def test_text_from_runners_and_uploads_is_shown_as_text_never_as_markup(
     await expect(page.locator("#login")).to_be_visible()
     await expect(page.locator("#board")).to_be_hidden()
     assert await page.evaluate("sessionStorage.length") == 0
+
+
+@pytest.mark.parametrize("coordinator_config", [{"unclaimed_after_s": 1.0}], indirect=True)
+async def test_a_job_no_connected_runner_takes_is_listed_above_the_jobs_and_badged(
+    coordinator: RunningCoordinator, dashboard: Dashboard
+) -> None:
+    """No runner takes transcription here (none is connected): after the wait the job is unclaimed."""
+    video_id, video_uuid = await create_video(coordinator, name="Keynote")
+    job_uuid = str(uuidlib.uuid4())
+    payload = {"input": {"videoFileUrl": input_url(job_uuid, video_uuid) + "/audio"}, "output": {}}
+    await coordinator.coordinator.jobs.create(
+        video_id, [JobSpec(job_uuid, JobType.TRANSCRIPTION, 200, payload, {"videoUUID": video_uuid})]
+    )
+    page = await dashboard.sign_in(coordinator.url)
+    notice = page.locator("#unclaimed")
+    await expect(notice).to_be_visible()
+    await expect(page.locator("#unclaimed-count")).to_have_text("1")
+    item = page.locator(f'#unclaimed-list li[data-job="{job_uuid}"]')
+    await expect(item).to_contain_text("video-transcription of Keynote, unclaimed since")
+    await expect(item).to_contain_text("it waits for a runner that takes this type")
+    row = page.locator(f'#jobs tr[data-job="{job_uuid}"]')
+    await expect(row.locator(".badge.unclaimed")).to_have_text("unclaimed")
+    await expect(page.locator(f'#videos tr[data-video="{video_uuid}"] .attachment')).to_have_text(
+        "captions unclaimed"
+    )
+
+    job = await coordinator.coordinator.jobs.get(job_uuid)
+    assert job is not None
+    await coordinator.coordinator.jobs.cancel(job)
+    await expect(notice).to_be_hidden()
+    await expect(row.locator(".badge.unclaimed")).to_have_count(0)

@@ -232,6 +232,23 @@
     );
   }
 
+  function renderUnclaimed(unclaimed) {
+    const box = $("#unclaimed");
+    box.hidden = unclaimed.total === 0;
+    setText($("#unclaimed-count"), unclaimed.total);
+    setContent($("#unclaimed-list"), JSON.stringify(unclaimed.data), () =>
+      unclaimed.data.map((job) =>
+        el(
+          "li",
+          { dataset: { job: job.uuid } },
+          el("strong", { text: job.type }),
+          ` of ${job.videoUUID ? (videoNames.get(job.videoUUID) ?? job.videoUUID.slice(0, 8)) : "no video"}, unclaimed since ${clock(job.unclaimedSince)}: `,
+          job.fallback === "coordinator" ? "the coordinator makes it itself" : "it waits for a runner that takes this type",
+        ),
+      ),
+    );
+  }
+
   function renderJobs(jobs) {
     setText($("#jobs-count"), jobs.total > jobs.data.length ? `${jobs.data.length} of ${jobs.total}` : jobs.total);
     syncRows(
@@ -251,7 +268,16 @@
         const [type, state, progress, runner, video, failures, error, updated, actions] = row.cells;
         setText(type, job.type);
         type.title = job.uuid;
-        setContent(state, `${job.state.id}`, () => [stateBadge(job.state.id, job.state.label)]);
+        setContent(state, `${job.state.id} ${job.unclaimedSince ?? ""}`, () => [
+          stateBadge(job.state.id, job.state.label),
+          job.unclaimedSince
+            ? el("span", {
+                class: "badge unclaimed",
+                title: `No connected runner has taken ${job.type} jobs since ${job.unclaimedSince}`,
+                text: "unclaimed",
+              })
+            : null,
+        ]);
         row.dataset.state = String(job.state.id);
         const bar = progress.querySelector("progress");
         const value = job.state.id === 3 ? 100 : job.progress;
@@ -295,6 +321,20 @@
     return links;
   }
 
+  // Storyboard and captions that are not there yet (or never will be): they never hold a video back.
+  function attachmentNotes(video) {
+    return (video.attachments ?? [])
+      .filter((attachment) => attachment.state !== "done")
+      .map((attachment) =>
+        el("span", {
+          class: `attachment attachment-${attachment.state}${attachment.unclaimedSince ? " unclaimed" : ""}`,
+          dataset: { kind: attachment.kind },
+          title: attachment.unclaimedSince ? `No connected runner takes this job since ${attachment.unclaimedSince}` : null,
+          text: `${attachment.kind} ${attachment.unclaimedSince ? "unclaimed" : attachment.state}`,
+        }),
+      );
+  }
+
   function playable(video) {
     const outputs = video.outputs ?? {};
     return Boolean((outputs.hls && outputs.hls.masterPlaylistUrl) || (outputs.webVideos ?? []).length);
@@ -336,7 +376,10 @@
             .map(([name, count]) => `${count} ${name.replaceAll("_", " ")}`)
             .join(", "),
         );
-        setContent(outputs, JSON.stringify(video.outputs ?? null), () => outputLinks(video));
+        setContent(outputs, JSON.stringify([video.outputs ?? null, video.attachments ?? []]), () => [
+          ...outputLinks(video),
+          ...attachmentNotes(video),
+        ]);
         setText(created, video.createdAt ? dateFormat.format(new Date(video.createdAt)) : "");
         actions.querySelector("button").disabled = !playable(video);
       },
@@ -351,16 +394,18 @@
 
   async function refresh() {
     const mine = ++requested;
-    const [runners, jobs, processing, videos] = await Promise.all([
+    const [runners, jobs, processing, videos, unclaimed] = await Promise.all([
       api("api/v1/runners", { params: [["count", "100"], ["sort", "createdAt"]] }),
       api("api/v1/runners/jobs", { params: jobParams() }),
       api("api/v1/runners/jobs", { params: [["count", "100"], ["stateOneOf", "2"]] }),
       api("api/v1/videos", { params: [["count", "20"], ["sort", "-createdAt"]] }),
+      api("api/v1/runners/jobs/unclaimed", { params: [["count", "20"]] }),
     ]);
     if (mine < shown) return;
     shown = mine;
     renderVideos(videos); // first: job rows show video names
     renderRunners(runners, processing);
+    renderUnclaimed(unclaimed);
     renderJobs(jobs);
     setStatus("live", `Live · updated ${timeFormat.format(new Date())}`);
   }
