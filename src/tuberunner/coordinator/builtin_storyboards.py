@@ -110,10 +110,13 @@ class BuiltinStoryboards:
             )
             self.on_own_runner(self._runner_id)
         try:
-            return await self.jobs.try_accept(job_uuid, self._runner_id)
+            job = await self.jobs.try_accept(job_uuid, self._runner_id)
         except Problem:  # our runner row was deleted by an admin: made again next time
             self._runner_id = None
             return None
+        if job is not None:
+            self.registry.touch(self._runner_id, None)  # its lastContact tells when it last worked
+        return job
 
     async def _make(self, job: Job) -> None:
         log.info("making the storyboard of job %s myself: no connected runner takes storyboards", job.uuid)
@@ -204,3 +207,5 @@ class BuiltinStoryboards:
                 await self.jobs.update(job, None)
             except Problem as exc:
                 raise _TakenBack from exc
+            if job.runner_id is not None:
+                self.registry.touch(job.runner_id, None)
