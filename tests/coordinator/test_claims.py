@@ -111,6 +111,7 @@ def test_a_runner_without_job_types_passes_over_what_it_skips_to_take_a_later_jo
     assert not watch.may_take(1, STORYBOARD)
     assert not watch.may_take(1, HLS)
     assert watch.may_take(1, WEB)
+    assert watch.offer_types(1) == frozenset(str(t) for t in JobType) - {STORYBOARD, HLS}
 
     # A job it tried and lost to another runner is no job it skipped.
     watch.asked(2, None, [("s", STORYBOARD), ("w", WEB)])
@@ -163,3 +164,24 @@ async def test_a_busy_runner_that_takes_the_type_keeps_its_jobs_claimed(env: Env
     job = await env.c.jobs.get(storyboard)
     assert job is not None
     assert watch.unclaimed_since(job) is None
+
+
+async def test_a_runner_sending_no_job_types_is_no_longer_offered_what_it_passes_over(env: Env) -> None:
+    """Ten storyboards at the head of the queue would otherwise hide every transcoding job from it."""
+    token = await env.register("official-0.0.21")
+    storyboard, web = await pending(env, JobType.STORYBOARD), await pending(env, JobType.VOD_WEB_VIDEO)
+
+    async def offered() -> list[str]:
+        answer = await env.http.post("/api/v1/runners/jobs/request", json={"runnerToken": token})
+        return [job["uuid"] for job in answer.json()["availableJobs"]]
+
+    assert await offered() == [storyboard, web]  # the storyboard is listed first
+    await env.accept(token, web)
+    other_web = await pending(env, JobType.VOD_WEB_VIDEO)
+    assert await offered() == [other_web]
+    # A runner that says what it takes gets exactly that, whatever this one passes over.
+    declared = await env.register("declared")
+    answer = await env.http.post(
+        "/api/v1/runners/jobs/request", json={"runnerToken": declared, "jobTypes": [STORYBOARD, WEB]}
+    )
+    assert [job["uuid"] for job in answer.json()["availableJobs"]] == [storyboard, other_web]

@@ -12,6 +12,9 @@ may have transcription disabled). The coordinator works it out from the runners'
   call in the `IDLE_GRACE_S` that followed (half the wait when that is shorter). A type passed over stays
   so until the runner accepts or tries a job of it, or reports another version.
 
+Such a runner is no longer offered the types it passes over (its offers would otherwise fill up with jobs
+it never takes, hiding the ones it does: PeerTube 6.3's starvation with more than ten of them).
+
 A runner is *present* while it holds a processing job, has called within the wait (`unclaimed_after_s`)
 or has a socket open to this process. A type is *covered* while a present runner may take it. A pending
 job is *unclaimed* once it has been pending for the wait and its type has not been covered for as long
@@ -167,6 +170,14 @@ class ClaimWatch:
     def ignore(self, runner_id: int) -> None:
         """The coordinator's own runner row: it never asks, and is no evidence of anything."""
         self._ignored.add(runner_id)
+
+    def offer_types(self, runner_id: int) -> frozenset[str] | None:
+        """What to offer a runner that sends no `jobTypes`: every type but those it passes over (so that
+        ten jobs it never takes cannot hide the ones it does, PeerTube 6.3's starvation); None: all."""
+        passed = self._passed_over.get(runner_id)
+        if not passed:
+            return None
+        return frozenset(t for t in self._covered_at if t not in passed)
 
     def may_take(self, runner_id: int, job_type: str) -> bool:
         offer = self._offers.get(runner_id)

@@ -193,9 +193,10 @@ async def request_jobs(request: Request) -> Response:
         if version is not None and version != auth.version:
             await c.runners.set_version(auth, version)
             c.claims.forget([auth.runner.id])  # another program: what the old one took tells nothing
-    types = frozenset(job_types) if job_types is not None else None
-    answer = await c.jobs.available_jobs(base_url_of(request), types)
-    c.claims.asked(auth.runner.id, types, answer.offered)
+    declared = frozenset(job_types) if job_types is not None else None
+    offered = declared if declared is not None else c.claims.offer_types(auth.runner.id)
+    answer = await c.jobs.available_jobs(base_url_of(request), offered)
+    c.claims.asked(auth.runner.id, declared, answer.offered)
     return Response(answer.body, media_type="application/json", headers=_pushes(c))
 
 
