@@ -12,8 +12,10 @@ may have transcription disabled). The coordinator works it out from the runners'
   call in the `IDLE_GRACE_S` that followed (half the wait when that is shorter). A type passed over stays
   so until the runner accepts or tries a job of it, or reports another version.
 
-Such a runner is no longer offered the types it passes over (its offers would otherwise fill up with jobs
-it never takes, hiding the ones it does: PeerTube 6.3's starvation with more than ten of them).
+Such a runner is no longer offered storyboards once it passes them over: the coordinator makes them, and
+ten of them at the head of the queue (priority 95) would hide every other job from it (PeerTube 6.3's
+starvation). Other types stay offered: a runner that does not take the first job it supports (nothing in
+the protocol says it must) would be judged wrongly, and must never miss jobs that only it would take.
 
 A runner is *present* while it holds a processing job, has called within the wait (`unclaimed_after_s`)
 or has a socket open to this process. A type is *covered* while a present runner may take it. A pending
@@ -172,9 +174,11 @@ class ClaimWatch:
         self._ignored.add(runner_id)
 
     def offer_types(self, runner_id: int) -> frozenset[str] | None:
-        """What to offer a runner that sends no `jobTypes`: every type but those it passes over (so that
-        ten jobs it never takes cannot hide the ones it does, PeerTube 6.3's starvation); None: all."""
-        passed = self._passed_over.get(runner_id)
+        """What to offer a runner that sends no `jobTypes`: every type but those it passes over and the
+        coordinator makes itself (storyboards: priority 95, so ten of them would hide every transcoding
+        job from it, PeerTube 6.3's starvation); None: every type. Only those: a runner judged wrongly
+        (one that does not take the first job it supports) must never miss jobs only it would take."""
+        passed = {t for t in self._passed_over.get(runner_id, ()) if fallback_of(t) is not None}
         if not passed:
             return None
         return frozenset(t for t in self._covered_at if t not in passed)
