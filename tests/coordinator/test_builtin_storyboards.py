@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from tests.support.servers import ADMIN_TOKEN, RunningCoordinator, serve_coordin
 from tuberunner.coordinator.builtin_storyboards import OWN_RUNNER_NAME
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.models import JobSpec
+from tuberunner.coordinator.storage import Storage
 from tuberunner.protocol.jobs import MAX_FAILURES, JobState, JobType
 
 WAIT_S = 5.0
@@ -39,26 +41,33 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[RunningCoordinator]:
         yield running
 
 
-async def storyboard_job(running: RunningCoordinator, source: bytes | None) -> tuple[str, Path]:
-    """A pending storyboard job of a new video whose source file holds `source` (None: a FIFO nobody
-    writes to, so that ffmpeg waits on it for ever)."""
-    video_id, video_uuid = await create_video(running, source=b"" if source is None else source)
-    path = running.coordinator.storage.video_dir(video_uuid) / "source.mp4"
-    if source is None:
-        path.unlink()
-        os.mkfifo(path)
+async def storyboard_job(running: RunningCoordinator, source: bytes) -> str:
+    """A pending storyboard job of a new video whose source file holds `source`."""
+    video_id, video_uuid = await create_video(running, source=source)
     job_uuid = str(uuid.uuid4())
     payload = payload_for(JobType.STORYBOARD, job_uuid, video_uuid)
     spec = JobSpec(job_uuid, JobType.STORYBOARD, 95, payload, {"videoUUID": video_uuid})
     await running.coordinator.jobs.create(video_id, [spec])
-    return job_uuid, path
+    return job_uuid
+
+
+def hand_out_a_fifo(storage: Storage, fifo: Path) -> None:
+    """The fault: storage hands ffmpeg an input nobody ever writes to, so it waits on it for ever (a
+    stalled network mount does the same; the local folder refuses to store such a file)."""
+    os.mkfifo(fifo)
+
+    @asynccontextmanager
+    async def local_file(key: str) -> AsyncIterator[Path]:
+        yield fifo
+
+    storage.local_file = local_file  # type: ignore[method-assign]
 
 
 async def test_an_input_ffmpeg_cannot_read_errors_the_job_after_the_usual_retries(
     coordinator: RunningCoordinator,
 ) -> None:
     c = coordinator.coordinator
-    job_uuid, _ = await storyboard_job(coordinator, b"not a video at all")
+    job_uuid = await storyboard_job(coordinator, b"not a video at all")
 
     async def ended() -> bool:
         job = await c.jobs.get(job_uuid)
@@ -73,14 +82,15 @@ async def test_an_input_ffmpeg_cannot_read_errors_the_job_after_the_usual_retrie
     assert "ffmpeg" in job.error
     assert c.storyboards.made == 0
     assert ffmpeg_pids() == []
-    assert not any(c.storage.results_of(job_uuid).rglob("*"))
+    assert not any((c.config.files_dir / "results" / job_uuid).rglob("*"))
 
 
 async def test_a_storyboard_taken_back_while_made_has_its_ffmpeg_killed(
-    coordinator: RunningCoordinator,
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     c = coordinator.coordinator
-    job_uuid, _ = await storyboard_job(coordinator, None)
+    hand_out_a_fifo(c.storage, tmp_path / "never-written")
+    job_uuid = await storyboard_job(coordinator, b"a source ffmpeg never reads")
 
     async def held() -> bool:
         job = await c.jobs.get(job_uuid)
@@ -101,7 +111,8 @@ async def test_a_storyboard_taken_back_while_made_has_its_ffmpeg_killed(
     assert maker is not None
     await asyncio.wait_for(maker, WAIT_S)  # its next heartbeat is refused: ffmpeg is killed, files go
     assert ffmpeg_pids() == []
+    assert list(c.config.uploads_dir.iterdir()) == []  # its work folder is gone too
     job = await c.jobs.get(job_uuid)
     assert job is not None
     assert (job.state, job.failures) == (JobState.CANCELLED, 0)
-    assert not any(c.storage.results_of(job_uuid).rglob("*"))
+    assert not any((c.config.files_dir / "results" / job_uuid).rglob("*"))
