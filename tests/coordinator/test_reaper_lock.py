@@ -35,8 +35,12 @@ async def test_one_holder_and_a_takeover_when_its_connection_is_killed(pg_url: s
         admin = await asyncpg.connect(pg_url.replace("postgresql+asyncpg", "postgresql"))
         try:
             killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
-                "WHERE locktype = 'advisory' AND objid = $1::bigint % 4294967296",
+                # Advisory locks are per database: only this test's database, not another test's running
+                # on the same server at the same time.
+                "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l "
+                "JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND l.objid = $1::bigint % 4294967296 "
+                "AND d.datname = current_database()",
                 REAPER_LOCK_KEY,
             )
         finally:
