@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from tuberunner.coordinator import admin_api, dashboard, ingest_api, openapi, runner_api
+from tuberunner.coordinator import admin_api, dashboard, ingest_api, live_api, openapi, runner_api
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator
 from tuberunner.coordinator.problems import Problem, database_problem, problem_response, storage_problem
@@ -31,6 +31,8 @@ def _routes() -> list[BaseRoute]:
     return [
         *runner_api.routes,
         *admin_api.routes,
+        # Before the ingest routes: `/api/v1/videos/live` is not a video id.
+        *live_api.routes,
         *ingest_api.routes,
         *openapi.routes,
         *dashboard.routes,

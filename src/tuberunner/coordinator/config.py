@@ -9,6 +9,14 @@ from tuberunner.protocol.jobs import JobType
 
 DEFAULT_LEASE_S = 120.0
 DEFAULT_LADDER = (1080, 720, 480, 360, 240, 144)
+# PeerTube's `remote_runners.stalled_jobs.live`: a live job without an update for this long is taken back.
+LIVE_LEASE_S = 30.0
+DEFAULT_LIVE_RESOLUTIONS = (720, 480, 360)
+DEFAULT_RTMP_PORT = 1935
+
+
+def _default_leases() -> dict[JobType, float]:
+    return {JobType.LIVE_RTMP_HLS: LIVE_LEASE_S}
 
 
 @dataclass(frozen=True)
@@ -19,7 +27,7 @@ class CoordinatorConfig:
     # Absolute URL runners use to reach us; put in job payloads. None: derived from the request.
     public_url: str | None = None
     # How long a processing or completing job lives without an accepted update.
-    lease_s: dict[JobType, float] = field(default_factory=dict)
+    lease_s: dict[JobType, float] = field(default_factory=_default_leases)
     default_lease_s: float = DEFAULT_LEASE_S
     # How often the reaper looks for expired leases.
     reaper_interval_s: float = 5.0
@@ -56,6 +64,18 @@ class CoordinatorConfig:
     hls: bool = True
     web_video: bool = True
     split_audio: bool = True
+    # Live: the RTMP server (port 0: live off; tests pass None for a free port), the host publishers and
+    # runners use in RTMP URLs (default: the host of the request, or of `public_url`), HLS settings sent to
+    # runners (PeerTube's normal latency: 4 s segments, 15 in a playlist), and the default ladder.
+    rtmp_port: int | None = 0
+    rtmp_host: str = "127.0.0.1"
+    rtmp_public_host: str | None = None
+    live_segment_duration_s: float = 4.0
+    live_segment_list_size: int = 15
+    live_resolutions: tuple[int, ...] = DEFAULT_LIVE_RESOLUTIONS
+    # How long a live whose publisher left waits for it to come back (or for its runner to deliver the
+    # last segments) before the session ends.
+    live_reconnect_grace_s: float = 30.0
 
     def lease_for(self, job_type: str) -> float:
         try:

@@ -16,6 +16,8 @@ from tuberunner.coordinator.completion import VideoCompleter
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.database import Database
 from tuberunner.coordinator.jobs import JobService, run_forever
+from tuberunner.coordinator.live import LiveService
+from tuberunner.coordinator.live_files import LiveFiles
 from tuberunner.coordinator.notifier import Notifier
 from tuberunner.coordinator.reaper_lock import ReaperLock
 from tuberunner.coordinator.runners import RunnerRegistry
@@ -42,6 +44,7 @@ class Coordinator:
             self.db, config, self.storage, notify_pending=self._ping, completer=self.completer
         )
         self.runners = RunnerRegistry(self.db, self.jobs)
+        self.live = LiveService(self.db, config, self.jobs, self.videos, LiveFiles(self.storage))
         self.notifier = Notifier(self.runners, config.ping_debounce_s, config.redis_url)
         self.claims = ClaimWatch(
             self.db,
@@ -90,6 +93,7 @@ class Coordinator:
             recovered = await self.jobs.recover_completions()
             if recovered:
                 log.warning("redoing %d completion(s) interrupted by the last stop", recovered)
+        await self.live.start()
         self._tasks = [
             asyncio.create_task(
                 run_forever(self.config.reaper_interval_s, self._reap, "lease reaper"),
@@ -130,6 +134,7 @@ class Coordinator:
             with suppress(asyncio.CancelledError):
                 await task
         await self.storyboards.stop()
+        await self.live.stop()
         await self.jobs.cancel_completions()
         await self.reaper_lock.release()
         with suppress(Exception):

@@ -58,6 +58,8 @@ from tuberunner.coordinator.job_graph import (
     is_audio_upload,
     studio_job,
 )
+from tuberunner.coordinator.live import Live
+from tuberunner.coordinator.live_api import live_file_response
 from tuberunner.coordinator.models import Job, iso
 from tuberunner.coordinator.problems import BadRequest, NotFound, PayloadTooLarge, invalid_params
 from tuberunner.coordinator.schema import jobs, video_files, videos
@@ -446,16 +448,17 @@ async def get_video(request: Request) -> Response:
     video = await _find_video(c, request.path_params["video_id"])
     rows = await _jobs_of(c, [video.id])
     files = await c.videos.files(video.id)
-    return JSONResponse(
-        video_json(
-            base_url_of(request),
-            video,
-            rows.get(video.id, []),
-            files,
-            details=True,
-            unclaimed_since=c.claims.unclaimed_since,
-        )
+    base_url = base_url_of(request)
+    live = await c.live.of_videos([video.id])
+    body = video_json(
+        base_url,
+        video,
+        rows.get(video.id, []),
+        files,
+        details=True,
+        unclaimed_since=c.claims.unclaimed_since,
     )
+    return JSONResponse(with_live(c, body, live.get(video.id), base_url))
 
 
 async def list_videos(request: Request) -> Response:
@@ -492,14 +495,20 @@ async def list_videos(request: Request) -> Response:
         files.setdefault(row["video_id"], []).append(VideoFile.from_row(row))
     job_rows = await _jobs_of(c, ids)
     base_url = base_url_of(request)
+    live = await c.live.of_videos(ids)
     data = [
-        video_json(
+        with_live(
+            c,
+            video_json(
+                base_url,
+                v,
+                job_rows.get(v.id, []),
+                files.get(v.id, []),
+                details=False,
+                unclaimed_since=c.claims.unclaimed_since,
+            ),
+            live.get(v.id),
             base_url,
-            v,
-            job_rows.get(v.id, []),
-            files.get(v.id, []),
-            details=False,
-            unclaimed_since=c.claims.unclaimed_since,
         )
         for v in page
     ]
@@ -627,6 +636,16 @@ def video_json(
     }
 
 
+def with_live(c: Coordinator, body: dict[str, Any], live: Live | None, base_url: str) -> dict[str, Any]:
+    """A live video's state is its live's (waiting, live, ended); its HLS is the live's."""
+    if live is not None:
+        body["live"] = c.live.describe(live, base_url)
+        body["state"] = live.state
+        if body["outputs"]["hls"] is None and live.session > 0:
+            body["outputs"]["hls"] = {"masterPlaylistUrl": body["live"]["hlsUrl"], "renditions": []}
+    return body
+
+
 def _job_json(job: Job, by_id: Mapping[int, Job], unclaimed_since: float | None) -> dict[str, Any]:
     output = job.payload.get("output")
     parent = by_id.get(job.parent_id) if job.parent_id is not None else None
@@ -695,6 +714,8 @@ def _static(folder: str) -> Any:
         video = await c.videos.by_uuid(video_uuid)
         if video is None:
             raise NotFound("File not found")
+        if folder == "streaming-playlists/hls" and video.options.get("live"):
+            return live_file_response(c, video_uuid, filename, request)
         file = next(
             (f for f in await c.videos.files(video.id) if f.kind in kinds and f.name == filename), None
         )

@@ -237,10 +237,14 @@ async def accept(request: Request) -> Response:
 
 
 async def _accepted(request: Request, job: Job, auth: RunnerAuth) -> Response:
-    job_json = job.as_json(base_url_of(request), auth.runner)
+    base_url = base_url_of(request)
+    job_json = job.as_json(base_url, auth.runner)
     job_json["jobToken"] = job.processing_job_token
     if RAW_UPLOAD_FEATURE in request.headers.get(FEATURES_HEADER, "").replace(" ", "").split(","):
         await _offer_direct_uploads(coordinator_of(request), job, job_json)
+    if job.type == JobType.LIVE_RTMP_HLS:
+        # Only this acceptance can pull the stream (live.py).
+        job_json["payload"]["input"]["rtmpUrl"] = coordinator_of(request).live.pull_url(job, base_url)
     return JSONResponse({"job": job_json}, headers=_pushes(coordinator_of(request)))
 
 
@@ -342,9 +346,8 @@ async def update_job(request: Request) -> Response:
         payload = body.fields.get("payload")
         if job.type != JobType.LIVE_RTMP_HLS and (payload not in (None, {}, "") or body.files):
             raise BadRequest(Message.PAYLOAD_INVALID)
-        if job.type == JobType.LIVE_RTMP_HLS:
-            # Live jobs are not created by this coordinator yet; nothing can hold one.
-            raise BadRequest(Message.PAYLOAD_INVALID)
+        if job.type == JobType.LIVE_RTMP_HLS and not await c.live.update(job, body.fields, body.files):
+            return Response(status_code=_NO_CONTENT)  # completing or completed: nothing to do (spec §3.6)
         await c.jobs.update(job, progress)
     return Response(status_code=_NO_CONTENT)
 

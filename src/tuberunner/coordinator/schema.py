@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -112,6 +113,32 @@ video_files = Table(
     Column("extra", JSON),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("video_id", "kind", "name", name="uq_video_files_video_kind_name"),
+)
+
+# A live video (its row in `videos` holds the name): how publishers reach it and what its sessions did.
+# `state` is waiting (no session), live (a session is open) or ended; a permanent live goes back to waiting.
+lives = Table(
+    "lives",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("video_id", Integer, ForeignKey("videos.id", ondelete="CASCADE"), nullable=False, unique=True),
+    Column("stream_key", String(64), nullable=False, unique=True),
+    Column("state", String(16), nullable=False),
+    Column("permanent", Boolean, nullable=False),
+    Column("save_replay", Boolean, nullable=False),
+    Column("resolutions", JSON, nullable=False),
+    # Sessions started so far; the open one is number `session`.
+    Column("session", Integer, nullable=False),
+    # Live jobs created so far (every job of every session): names its segments, so none is reused.
+    Column("attempts", Integer, nullable=False),
+    Column("job_uuid", String(36)),
+    # The videos made from the recordings of ended sessions.
+    Column("replays", JSON, nullable=False),
+    Column("error", Text),
+    Column("started_at", Float),
+    Column("ended_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 # Small key/value settings (the hashed admin token).
