@@ -115,8 +115,11 @@ def coordinator_serve(
             help="With object storage: 'redirect' to presigned URLs, or 'stream' through the coordinator",
         ),
     ] = "redirect",
+    rtmp_port: Annotated[
+        int, typer.Option("--rtmp-port", min=0, max=65535, help="RTMP port for live publishers (0: live off)")
+    ] = 1935,
 ) -> None:
-    """Serve the runner, admin and ingest APIs, and /healthz, /readyz, /metrics."""
+    """Serve the runner, admin and ingest APIs, RTMP for lives, and /healthz, /readyz, /metrics."""
     import uvicorn
 
     from tuberunner.coordinator.app import create_app
@@ -136,6 +139,8 @@ def coordinator_serve(
         redis_url=redis_url,
         storage=storage,
         serve_outputs=serve_outputs,
+        rtmp_port=rtmp_port,
+        rtmp_host=host,
     )
     systemd = SystemdNotifier.from_env()
     server_config = uvicorn.Config(
@@ -190,6 +195,8 @@ def _notifying_server(config: uvicorn.Config, systemd: SystemdNotifier) -> uvico
 
 registration_token_app = typer.Typer(help="Registration tokens of a coordinator.", no_args_is_help=True)
 coordinator_app.add_typer(registration_token_app, name="registration-token")
+live_app = typer.Typer(help="Live videos of a coordinator.", no_args_is_help=True)
+coordinator_app.add_typer(live_app, name="live")
 _Url = Annotated[str, typer.Option("--url", help="Coordinator URL")]
 _Token = Annotated[
     str | None, typer.Option("--admin-token", envvar="TUBERUNNER_ADMIN_TOKEN", help="Admin token")
@@ -266,6 +273,48 @@ def coordinator_status(
     except ic.ClientError as exc:
         _fail(exc)
     typer.echo(json.dumps(video, indent=2) if as_json else ic.format_status(video))
+
+
+@live_app.command("create")
+def live_create(
+    name: Annotated[str, typer.Argument(help="Name of the live video")],
+    url: _Url = DEFAULT_URL,
+    admin_token: _Token = None,
+    resolutions: Annotated[str | None, typer.Option("--resolutions", help="e.g. 480,240")] = None,
+    save_replay: Annotated[
+        bool, typer.Option("--save-replay", help="Make a video of each session when it ends")
+    ] = False,
+    permanent: Annotated[
+        bool, typer.Option("--permanent", help="Wait for the next publication when a session ends")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="rtmpUrl, streamKey and uuid as JSON")] = False,
+) -> None:
+    """Create a live video: prints the RTMP URL and stream key to publish to, the video id last."""
+    from tuberunner.coordinator import ingest_client as ic
+
+    ladder = _parse_resolutions(resolutions)
+    try:
+        created = ic.create_live(
+            url,
+            ic.resolve_admin_token(admin_token),
+            name,
+            resolutions=ladder,
+            save_replay=save_replay,
+            permanent=permanent,
+        )
+    except ic.ClientError as exc:
+        _fail(exc)
+    live = created["live"]
+    video_uuid = created["video"]["uuid"]
+    if as_json:
+        typer.echo(
+            json.dumps({"rtmpUrl": live["rtmpUrl"], "streamKey": live["streamKey"], "uuid": video_uuid})
+        )
+        return
+    typer.echo(f"RTMP URL:   {live['rtmpUrl']}")
+    typer.echo(f"stream key: {live['streamKey']}")
+    typer.echo(f"HLS:        {live['hlsUrl']}")
+    typer.echo(video_uuid)
 
 
 @registration_token_app.command("create")

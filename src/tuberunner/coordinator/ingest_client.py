@@ -128,6 +128,28 @@ def unclaimed_jobs(
     return answer
 
 
+def create_live(
+    url: str,
+    admin_token: str,
+    name: str,
+    *,
+    resolutions: Sequence[int] | None = None,
+    save_replay: bool = False,
+    permanent: bool = False,
+    timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
+    """Create a live video; returns `{"video": {"id", "uuid"}, "live": {"rtmpUrl", "streamKey", ...}}`."""
+    body: dict[str, Any] = {"name": name, "saveReplay": save_replay, "permanentLive": permanent}
+    if resolutions is not None:
+        body["resolutions"] = ",".join(str(r) for r in resolutions)
+    with _client(url, admin_token, timeout, transport) as client:
+        answer = _call(client, "POST", "/api/v1/videos/live", json=body)
+    if not (isinstance(answer, dict) and isinstance(answer.get("live"), dict) and "video" in answer):
+        raise ClientError(f"unexpected answer from the coordinator: {answer!r}")
+    return answer
+
+
 def create_registration_token(
     url: str,
     admin_token: str,
@@ -158,6 +180,14 @@ def format_status(video: dict[str, Any]) -> str:
         f"{video.get('uuid')}  {video.get('name')!r}  {video.get('state')}",
         f"jobs: {jobs.get('total', 0)} ({counts or 'none'})",
     ]
+    live = video.get("live")
+    if isinstance(live, dict):
+        lines.append(f"live: {live.get('state')}, publish to {live.get('rtmpUrl')} with the stream key")
+        lines.append(f"live HLS: {live.get('hlsUrl')}")
+        if live.get("error"):
+            lines.append(f"live error: {live['error']}")
+        for replay in live.get("replays") or []:
+            lines.append(f"replay: {replay}")
     for error in video.get("errors") or []:
         lines.append(f"error: {error.get('type')} {error.get('job')}: {error.get('message')}")
     for attachment in video.get("attachments") or []:
@@ -176,7 +206,7 @@ def format_status(video: dict[str, Any]) -> str:
     for web in outputs.get("webVideos") or []:
         lines.append(f"web video {web.get('resolution')}p: {web.get('url')}")
     hls = outputs.get("hls")
-    if hls and hls.get("masterPlaylistUrl"):
+    if hls and hls.get("masterPlaylistUrl") and not isinstance(live, dict):
         lines.append(f"HLS: {hls['masterPlaylistUrl']}")
     for caption in outputs.get("captions") or []:
         lines.append(f"caption {caption.get('language')}: {caption.get('url')}")
