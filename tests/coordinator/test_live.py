@@ -116,6 +116,7 @@ async def test_live_from_publish_to_end(
         await asyncio.wait_for(running, 20)
 
     assert set(runner.answers) == {204}
+    assert runner.success_status == 204
     assert len(runner.sent) >= 3
     ended = await wait_for(lambda: _state(client, video_uuid, "ended"), 10, "the live to end")
     assert ended["live"]["error"] is None
@@ -145,3 +146,182 @@ async def _state(client: httpx.AsyncClient, video_uuid: str, state: str) -> dict
 
 
 __all__ = ["RUNNERS"]
+
+
+_SQLITE = pytest.mark.parametrize("database_url", [None])
+
+
+@_SQLITE
+async def test_lost_runner_is_replaced_and_the_playlist_goes_on(
+    live_config: CoordinatorConfig, tmp_path: Path
+) -> None:
+    """The holder stops updating: its 2 s lease expires, a new job takes the live over, the old pull is
+    cut when the new one is accepted, and viewers get one playlist: sequence numbers only go up, names are
+    never reused, a discontinuity marks the change."""
+    config = replace(live_config, lease_s={JobType.LIVE_RTMP_HLS: 2.0})
+    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+        created = await create_live(client, resolutions="240")
+        video_uuid = created["video"]["uuid"]
+        first_token = await register_runner(client, "first")
+        second_token = await register_runner(client, "second")
+        async with publishing(_publish_url(created), 9) as publisher:
+            first = LiveRunner(client, first_token, tmp_path / "first")
+            await first.accept((await request_live_job(client, first_token))["uuid"])
+            first_running = asyncio.create_task(first.run())
+            await wait_for(lambda: _listed(first, 2), 10, "two segments from the first runner")
+            # The first runner hangs: its ffmpeg goes on pulling, but nothing reaches the coordinator.
+            first.paused = True
+            second = LiveRunner(client, second_token, tmp_path / "second")
+            offered = await request_live_job(client, second_token, timeout_s=10)
+            assert offered["uuid"] != first.job["uuid"]
+            await second.accept(offered["uuid"])
+            second_running = asyncio.create_task(second.run())
+            # The new acceptance cuts the old pull.
+            await asyncio.wait_for(first_running, 3)
+            late = await first.update("0-000099.ts", chunk_bytes=b"late")
+            assert late.status_code == 404
+            await asyncio.wait_for(publisher.wait(), 20)
+            await asyncio.wait_for(second_running, 20)
+        assert second.success_status == 204
+
+        ended = await wait_for(lambda: _state(client, video_uuid, "ended"), 10, "the live to end")
+        states = [(j["uuid"], j["state"]["label"]) for j in ended["jobs"]["list"]]
+        assert states == [(first.job["uuid"], "Errored"), (second.job["uuid"], "Completed")]
+        assert ended["live"]["session"] == 1
+        playlist = (await client.get(ended["live"]["hlsUrl"].rsplit("/", 1)[0] + "/0.m3u8")).text
+        names = [line for line in playlist.splitlines() if line.endswith(".ts")]
+        assert len(names) == len(set(names))
+        assert all(name.startswith("2-") for name in names[-len(second.sent[-4:]) :])
+        state = running.coordinator.live.files.state(video_uuid)
+        assert state is not None
+        rendition = state.renditions["0.m3u8"]
+        assert rendition.total == len(first.sent) + len(second.sent)
+        assert rendition.sequence == rendition.total - len(rendition.segments)
+        if any(s.attempt == 1 for s in rendition.segments):
+            assert "#EXT-X-DISCONTINUITY\n" in playlist
+        else:
+            assert rendition.discontinuity_sequence == 1
+
+
+async def _listed(runner: LiveRunner, count: int) -> bool:
+    return len(runner.sent) >= count
+
+
+@_SQLITE
+async def test_publisher_killed_ends_the_live_after_its_grace(
+    live_coordinator: RunningCoordinator, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    created = await create_live(client, resolutions="240")
+    video_uuid = created["video"]["uuid"]
+    token = await register_runner(client, "runner")
+    runner = LiveRunner(client, token, tmp_path / "runner")
+    async with publishing(_publish_url(created), 30) as publisher:
+        await runner.accept((await request_live_job(client, token))["uuid"])
+        running = asyncio.create_task(runner.run())
+        await wait_for(lambda: _listed(runner, 2), 10, "two segments")
+        publisher.kill()
+        killed_at = asyncio.get_running_loop().time()
+        # The runner's input ends with the publisher: it delivers what it has, then `success`.
+        await asyncio.wait_for(running, 10)
+    assert runner.success_status == 204
+    ended = await wait_for(lambda: _state(client, video_uuid, "ended"), 10, "the live to end")
+    assert asyncio.get_running_loop().time() - killed_at < 6
+    assert [j["state"]["label"] for j in ended["jobs"]["list"]] == ["Completed"]
+    playlist = (await client.get(ended["live"]["hlsUrl"].rsplit("/", 1)[0] + "/0.m3u8")).text
+    assert playlist.splitlines()[-2] == f"1-{runner.sent[-1]}"
+    assert playlist.rstrip().endswith("#EXT-X-ENDLIST")
+
+
+@_SQLITE
+async def test_coordinator_restart_mid_live_continues_the_session(
+    live_config: CoordinatorConfig, tmp_path: Path
+) -> None:
+    """The coordinator stops while a live runs: its publisher and the runner's pull are cut. Started again,
+    it waits `live_reconnect_grace_s` for the publisher; the publisher comes back, the stale job's lease
+    expires, a new job continues the same session and its playlists."""
+    from tests.support.servers import free_port
+
+    config = replace(
+        live_config,
+        rtmp_port=free_port(),
+        live_reconnect_grace_s=8.0,
+        lease_s={JobType.LIVE_RTMP_HLS: 2.0},
+    )
+    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+        created = await create_live(client, resolutions="240")
+        token = await register_runner(client, "runner")
+        first = LiveRunner(client, token, tmp_path / "first")
+        async with publishing(_publish_url(created), 30) as publisher:
+            await first.accept((await request_live_job(client, token))["uuid"])
+            first_running = asyncio.create_task(first.run())
+            await wait_for(lambda: _listed(first, 2), 10, "two segments")
+            first.paused = True
+    assert publisher.returncode is not None
+    await asyncio.wait_for(first_running, 10)  # its input ended with the coordinator
+
+    video_uuid = created["video"]["uuid"]
+    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+        assert (await live_of(client, video_uuid))["state"] == "live"
+        second = LiveRunner(client, token, tmp_path / "second")
+        async with publishing(_publish_url(created), 5) as publisher:
+            await second.accept((await request_live_job(client, token))["uuid"])
+            await asyncio.wait_for(second.run(), 20)
+            await asyncio.wait_for(publisher.wait(), 10)
+        ended = await wait_for(lambda: _state(client, video_uuid, "ended"), 10, "the live to end")
+        assert ended["live"]["session"] == 1
+        assert [j["state"]["label"] for j in ended["jobs"]["list"]] == ["Errored", "Completed"]
+        state = running.coordinator.live.files.state(video_uuid)
+        assert state is not None
+        rendition = state.renditions["0.m3u8"]
+        assert rendition.total == len(first.sent) + len(second.sent)
+        attempts = [s.attempt for s in rendition.segments]
+        assert attempts[-1] == 2
+        assert rendition.discontinuity_sequence + sum(s.discontinuity for s in rendition.segments) == 1
+
+
+@_SQLITE
+async def test_cancelled_job_or_deleted_video_ends_the_live_and_cuts_the_publisher(
+    live_coordinator: RunningCoordinator, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    token = await register_runner(client, "runner")
+    cancelled = await create_live(client, "cancelled", resolutions="240")
+    async with publishing(_publish_url(cancelled), 30) as publisher:
+        offered = await request_live_job(client, token)
+        answer = await client.post(f"{RUNNERS}/jobs/{offered['uuid']}/cancel", headers=admin_headers())
+        assert answer.status_code == 204
+        assert await asyncio.wait_for(publisher.wait(), 3) != 0
+    ended = await wait_for(lambda: _state(client, cancelled["video"]["uuid"], "ended"), 5, "the end")
+    assert ended["live"]["error"] == "the live job was cancelled"
+
+    deleted = await create_live(client, "deleted", resolutions="240")
+    runner = LiveRunner(client, token, tmp_path / "runner")
+    async with publishing(_publish_url(deleted), 30) as publisher:
+        await runner.accept((await request_live_job(client, token))["uuid"])
+        running = asyncio.create_task(runner.run())
+        await wait_for(lambda: _listed(runner, 1), 10, "a segment")
+        await _refused_updates(runner)
+        answer = await client.delete(f"/api/v1/videos/{deleted['video']['uuid']}", headers=admin_headers())
+        assert answer.status_code == 204
+        assert await asyncio.wait_for(publisher.wait(), 3) != 0
+        await asyncio.wait_for(running, 5)  # the pull was cut too
+    # Its next call learnt that the job is gone.
+    assert runner.success_status == 404 or runner.answers[-1:] == [404]
+    assert not live_coordinator.coordinator.live.sessions
+
+
+async def _refused_updates(runner: LiveRunner) -> None:
+    """PeerTube's payload checks (checklist 65), and ours on content."""
+    playlist = "#EXTM3U\n#EXTINF:1.0,\n0-000000.ts\n"
+    bad = [
+        await runner.update("0-000100.ts", kind="toto", chunk_bytes=b"x"),
+        await runner.update("0-000100.TS", chunk_bytes=b"x"),
+        await runner.update("0-000100.ts"),
+        await runner.update("0-000100.ts", chunk_bytes=b"x", playlist=("coucou/hello", playlist)),
+        await runner.update("0-000100.ts", chunk_bytes=b"x", playlist=("hello", playlist)),
+        await runner.update("0-000100.ts", chunk_bytes=b"x", master=playlist),
+        await runner.update("0-000100.ts", chunk_bytes=b"x", playlist=("0.m3u8", "not a playlist")),
+        await runner.update("0-000100.ts", chunk_bytes=b"x", playlist=("master.m3u8", playlist)),
+    ]
+    assert [r.status_code for r in bad] == [400] * len(bad)
+    assert all(r.json()["detail"].startswith("Payload is invalid") for r in bad)
+    runner.answers.clear()

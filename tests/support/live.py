@@ -119,6 +119,9 @@ class LiveRunner:
     answers: list[int] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     ffmpeg: asyncio.subprocess.Process | None = None
+    # A hung runner: ffmpeg goes on, nothing is sent.
+    paused: bool = False
+    success_status: int | None = None
 
     async def accept(self, job_uuid: str) -> dict[str, Any]:
         response = await self.client.post(
@@ -205,12 +208,12 @@ class LiveRunner:
             if self.ffmpeg.returncode is None:
                 self.ffmpeg.send_signal(signal.SIGKILL)
             await self.ffmpeg.wait()
-        if send_success and not refused:
-            (await self.success()).raise_for_status()
+        if send_success and not refused and not self.paused:
+            self.success_status = (await self.success()).status_code
 
     async def _send_new(self) -> bool:
         playlist = self.work / "0.m3u8"
-        if not playlist.exists():
+        if self.paused or not playlist.exists():
             return True
         text = playlist.read_text()
         for line in text.splitlines():
