@@ -325,3 +325,28 @@ async def _refused_updates(runner: LiveRunner) -> None:
     assert [r.status_code for r in bad] == [400] * len(bad)
     assert all(r.json()["detail"].startswith("Payload is invalid") for r in bad)
     runner.answers.clear()
+
+
+@_SQLITE
+async def test_save_replay_makes_a_video_with_its_jobs(
+    live_coordinator: RunningCoordinator, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    created = await create_live(client, "with replay", resolutions="240", saveReplay=True)
+    token = await register_runner(client, "runner")
+    runner = LiveRunner(client, token, tmp_path / "runner")
+    async with publishing(_publish_url(created), 4) as publisher:
+        await runner.accept((await request_live_job(client, token))["uuid"])
+        await asyncio.wait_for(runner.run(), 20)
+        await publisher.wait()
+    ended = await wait_for(lambda: _state(client, created["video"]["uuid"], "ended"), 10, "the end")
+    await live_coordinator.coordinator.live.wait_replays()
+    replays = (await live_of(client, created["video"]["uuid"]))["replays"]
+    assert len(replays) == 1
+    replay = (await client.get(f"/api/v1/videos/{replays[0]}", headers=admin_headers())).json()
+    assert replay["name"].startswith("with replay (replay ")
+    assert replay["state"] == "processing"
+    assert 3.5 <= replay["source"]["durationS"] <= 4.6
+    kinds = sorted({j["type"] for j in replay["jobs"]["list"]})
+    assert kinds == ["generate-video-storyboard", "vod-hls-transcoding", "vod-web-video-transcoding"]
+    assert ended["live"]["replays"] == [] or ended["live"]["replays"] == replays
+    assert not list(live_coordinator.coordinator.live.files.folder(created["video"]["uuid"]).glob("*.flv"))

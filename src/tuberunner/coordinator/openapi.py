@@ -265,12 +265,41 @@ def _schemas() -> dict[str, Schema]:
             },
             ("webVideos", "hls", "captions", "storyboards", "previewUrl"),
         ),
+        "Live": _object(
+            {
+                "state": {"type": "string", "enum": ["waiting", "live", "ended"]},
+                "rtmpUrl": {
+                    "type": "string",
+                    "description": "Where publishers push (`rtmp://host:port/live`).",
+                },
+                "streamKey": {"type": "string", "description": "The stream name publishers use: a secret."},
+                "permanentLive": {"type": "boolean"},
+                "saveReplay": {"type": "boolean"},
+                "resolutions": {"type": "array", "items": {"type": "integer"}},
+                "hlsUrl": {"type": "string", "description": "The master playlist viewers read."},
+                "session": {"type": "integer", "minimum": 0},
+                "jobUuid": _nullable({"type": "string"}),
+                "publisherConnected": {"type": "boolean"},
+                "viewersPulling": {"type": "integer", "minimum": 0},
+                "lagSeconds": _nullable({"type": "number"}),
+                "replays": {"type": "array", "items": {"type": "string", "format": "uuid"}},
+                "error": _nullable({"type": "string"}),
+                "startedAt": _nullable({"type": "number"}),
+                "endedAt": _nullable({"type": "number"}),
+            },
+            ("state", "rtmpUrl", "streamKey", "permanentLive", "saveReplay", "hlsUrl", "session", "replays"),
+        ),
         "Video": _object(
             {
                 "id": {"type": "integer"},
                 "uuid": {"type": "string", "format": "uuid"},
                 "name": {"type": "string"},
-                "state": {"type": "string", "enum": ["processing", "failed", "cancelled", "published"]},
+                "state": {
+                    "type": "string",
+                    "enum": ["processing", "failed", "cancelled", "published", "waiting", "live", "ended"],
+                    "description": "A live video's state is its live's: waiting, live or ended.",
+                },
+                "live": _ref("Live"),
                 "error": _nullable({"type": "string"}),
                 "errors": {
                     "type": "array",
@@ -947,6 +976,54 @@ def _ingest_paths() -> dict[str, Any]:
                 operation_id="listVideos",
             ),
         },
+        "/api/v1/videos/live": {
+            "post": _op(
+                "Create a live video: publishers push RTMP to `live.rtmpUrl` with `live.streamKey`",
+                "ingest",
+                {
+                    "200": _json_response(
+                        _object(
+                            {
+                                "video": _object(
+                                    {"id": {"type": "integer"}, "uuid": {"type": "string", "format": "uuid"}},
+                                    ("id", "uuid"),
+                                ),
+                                "live": _ref("Live"),
+                            },
+                            ("video", "live"),
+                        )
+                    ),
+                    **_problems(401, *_BODY_ERRORS),
+                },
+                security=_ADMIN,
+                body=_body(
+                    {
+                        "name": _string(max_len=255),
+                        "resolutions": {"type": "string", "pattern": "^[0-9]{3,4}(,[0-9]{3,4})*$"},
+                        "saveReplay": {"type": "boolean"},
+                        "permanentLive": {"type": "boolean"},
+                    },
+                    ("name",),
+                    flat_properties={
+                        "name": _string(max_len=255),
+                        "resolutions": {"type": "string", "pattern": "^[0-9]{3,4}(,[0-9]{3,4})*$"},
+                        "saveReplay": boolean,
+                        "permanentLive": boolean,
+                    },
+                ),
+                operation_id="createLive",
+            )
+        },
+        "/api/v1/videos/live/{videoId}": {
+            "get": _op(
+                "A live video's live: state, RTMP URL and stream key, HLS URL, replays",
+                "ingest",
+                {"200": _json_response(_ref("Live")), **_problems(401)},
+                security=_ADMIN,
+                parameters=[video_id],
+                operation_id="getLive",
+            )
+        },
         "/api/v1/videos/{videoId}": {
             "get": _op(
                 "A video: state, jobs, source and outputs",
@@ -971,7 +1048,10 @@ def _ingest_paths() -> dict[str, Any]:
             [_path_param("filename", {"type": "string", "minLength": 1, "maxLength": 200}, "File name.")],
         ),
         "/static/streaming-playlists/hls/{videoUUID}/{filename}": static(
-            "An HLS file: master or media playlist, fragmented MP4", "getHlsFile", static_params
+            "An HLS file: master or media playlist, fragmented MP4; of a live: playlists (no-cache) and"
+            " MPEG-TS segments (immutable)",
+            "getHlsFile",
+            static_params,
         ),
         "/static/captions/{videoUUID}/{filename}": static("A caption (WebVTT)", "getCaption", static_params),
         "/static/storyboards/{videoUUID}/{filename}": static(
