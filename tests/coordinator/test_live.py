@@ -128,6 +128,14 @@ async def test_live_from_publish_to_end(
     assert f"#EXT-X-MEDIA-SEQUENCE:{max(0, len(runner.sent) - 4)}" in final
     jobs = ended["jobs"]["list"]
     assert [(j["type"], j["state"]["label"]) for j in jobs] == [(str(JobType.LIVE_RTMP_HLS), "Completed")]
+    metrics = (await client.get("/metrics")).text
+    assert 'tuberunner_coordinator_live_publishers_total{outcome="refused"} 1.0' in metrics
+    assert 'tuberunner_coordinator_live_pulls_total{outcome="refused"} 2.0' in metrics
+    assert 'tuberunner_coordinator_lives{state="ended"} 1.0' in metrics
+    received = re.search(r"^tuberunner_coordinator_live_segments_received_total (\S+)$", metrics, re.M)
+    assert received is not None and float(received.group(1)) == len(runner.sent)
+    lags = re.search(r"^tuberunner_coordinator_live_lag_seconds_count (\S+)$", metrics, re.M)
+    assert lags is not None and float(lags.group(1)) == len(runner.sent)
     # An ended (not permanent) live takes no publisher any more.
     async with publishing(_publish_url(created), 1) as again:
         assert await asyncio.wait_for(again.wait(), 20) != 0

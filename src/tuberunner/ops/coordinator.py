@@ -5,7 +5,9 @@
                (with Redis: its server answers PING), the loop turns, the app has started
     /metrics   Prometheus text: jobs by type and state (queue depth and outcomes), pending jobs no connected
                runner takes, registered runners, open runner sockets, lease expiries, available-jobs pings,
-               storyboards the coordinator made itself, uploads left by a crash and removed
+               storyboards the coordinator made itself, uploads left by a crash and removed;
+               lives by state, RTMP publishers and pulls (connected, accepted, refused), live segments
+               received, live jobs created, live lag (segment age when the coordinator lists it)
 
 The job counts are read from the database when Prometheus scrapes, by one grouped query (its result is
 kept `cache_s` so that many scrapers cost one query), never counted on the hot path. Each check and the
@@ -26,7 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
@@ -35,7 +42,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tuberunner.coordinator.schema import jobs, runners
+from tuberunner.coordinator.live import LAG_BUCKETS, LIVE_STATES
+from tuberunner.coordinator.schema import jobs, lives, runners
 from tuberunner.ops import logs
 from tuberunner.ops.health import Check, HealthReport, LoopMonitor
 from tuberunner.ops.metrics import CONTENT_TYPE
@@ -55,6 +63,7 @@ _JOBS_PATH = "/api/v1/runners/jobs/"
 class _Counts:
     jobs: dict[tuple[str, int], int]
     runners: int
+    lives: dict[str, int]
 
 
 class CoordinatorOps:
@@ -155,7 +164,12 @@ class CoordinatorOps:
                 select(jobs.c.type, jobs.c.state, func.count()).group_by(jobs.c.type, jobs.c.state)
             ).all()
             registered = conn.execute(select(func.count()).select_from(runners)).scalar_one()
-            return _Counts({(str(r[0]), int(r[1])): int(r[2]) for r in rows}, int(registered))
+            by_live_state = conn.execute(select(lives.c.state, func.count()).group_by(lives.c.state)).all()
+            return _Counts(
+                {(str(r[0]), int(r[1])): int(r[2]) for r in rows},
+                int(registered),
+                {str(r[0]): int(r[1]) for r in by_live_state},
+            )
 
         try:
             async with asyncio.timeout(_CHECK_TIMEOUT_S):
@@ -204,6 +218,12 @@ class _CoordinatorCollector:
                     by_state.add_metric([str(job_type), state.name.lower()], value)
             yield by_state
             yield GaugeMetricFamily("tuberunner_coordinator_runners", "Registered runners", counts.runners)
+            by_live_state = GaugeMetricFamily(
+                "tuberunner_coordinator_lives", "Live videos by state", labels=["state"]
+            )
+            for live_state in LIVE_STATES:
+                by_live_state.add_metric([live_state], counts.lives.get(live_state, 0))
+            yield by_live_state
         unclaimed = GaugeMetricFamily(
             "tuberunner_coordinator_unclaimed_jobs",
             "Pending jobs whose type no connected runner has taken for the unclaimed wait, by type",
@@ -217,6 +237,7 @@ class _CoordinatorCollector:
             "Storyboards no connected runner took, made by this coordinator process itself",
             coordinator.storyboards.made,
         )
+        yield from _live_metrics(coordinator)
         yield GaugeMetricFamily(
             "tuberunner_coordinator_runner_sockets",
             "Runner sockets open on this process",
@@ -242,6 +263,70 @@ class _CoordinatorCollector:
             "How late the loop monitor's last tick woke up",
             ops.loop_monitor.lag_s,
         )
+
+
+def _live_metrics(coordinator: Coordinator) -> Iterator[Metric]:
+    live = coordinator.live
+    counters = live.counters
+    relay = live.relay
+    if relay is not None:
+        yield GaugeMetricFamily(
+            "tuberunner_coordinator_live_publishers_connected",
+            "RTMP publishers streaming to this process",
+            sum(1 for stream in relay.streams.values() if stream.publisher is not None),
+        )
+        publishers = CounterMetricFamily(
+            "tuberunner_coordinator_live_publishers",
+            "RTMP publishers by outcome (refused: wrong stream key, ended live, one already streaming)",
+            labels=["outcome"],
+        )
+        publishers.add_metric(["accepted"], relay.counters.publishers_accepted)
+        publishers.add_metric(["refused"], relay.counters.publishers_refused)
+        yield publishers
+        pulls = CounterMetricFamily(
+            "tuberunner_coordinator_live_pulls",
+            "RTMP pulls of runners by outcome (refused: not the URL of a held job; dropped: fell behind)",
+            labels=["outcome"],
+        )
+        pulls.add_metric(["accepted"], relay.counters.players_accepted)
+        pulls.add_metric(["refused"], relay.counters.players_refused)
+        pulls.add_metric(["dropped"], relay.counters.players_dropped)
+        yield pulls
+    yield CounterMetricFamily(
+        "tuberunner_coordinator_live_segments_received",
+        "Live segments runners delivered that were listed in a playlist",
+        counters.segments_received,
+    )
+    yield CounterMetricFamily(
+        "tuberunner_coordinator_live_updates_refused",
+        "Live chunk updates refused for their content",
+        counters.updates_refused,
+    )
+    yield CounterMetricFamily(
+        "tuberunner_coordinator_live_jobs_created",
+        "Live jobs created (a session's first, and each one replacing a lost or failed job)",
+        counters.jobs_created,
+    )
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip((*LAG_BUCKETS, float("inf")), counters.lag_buckets, strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), total))
+    lag = HistogramMetricFamily(
+        "tuberunner_coordinator_live_lag_seconds",
+        "Live lag as the coordinator sees it: wall clock when a segment is listed minus the end of the"
+        " segment (its EXT-X-PROGRAM-DATE-TIME plus its duration)",
+    )
+    lag.add_metric([], buckets, sum_value=counters.lag_sum_s)
+    yield lag
+    last = GaugeMetricFamily(
+        "tuberunner_coordinator_live_last_lag_seconds",
+        "Lag of the newest segment of each open live",
+        labels=["video"],
+    )
+    for video_uuid, value in counters.last_lag_s.items():
+        last.add_metric([video_uuid], value)
+    yield last
 
 
 # ------------------------------------------------------------------------------------------ routes
