@@ -133,9 +133,11 @@ async def test_live_from_publish_to_end(
     assert 'tuberunner_coordinator_live_pulls_total{outcome="refused"} 2.0' in metrics
     assert 'tuberunner_coordinator_lives{state="ended"} 1.0' in metrics
     received = re.search(r"^tuberunner_coordinator_live_segments_received_total (\S+)$", metrics, re.M)
-    assert received is not None and float(received.group(1)) == len(runner.sent)
+    assert received is not None
+    assert float(received.group(1)) == len(runner.sent)
     lags = re.search(r"^tuberunner_coordinator_live_lag_seconds_count (\S+)$", metrics, re.M)
-    assert lags is not None and float(lags.group(1)) == len(runner.sent)
+    assert lags is not None
+    assert float(lags.group(1)) == len(runner.sent)
     # An ended (not permanent) live takes no publisher any more.
     async with publishing(_publish_url(created), 1) as again:
         assert await asyncio.wait_for(again.wait(), 20) != 0
@@ -167,7 +169,10 @@ async def test_lost_runner_is_replaced_and_the_playlist_goes_on(
     cut when the new one is accepted, and viewers get one playlist: sequence numbers only go up, names are
     never reused, a discontinuity marks the change."""
     config = replace(live_config, lease_s={JobType.LIVE_RTMP_HLS: 2.0})
-    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+    async with (
+        serve_coordinator(config) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as client,
+    ):
         created = await create_live(client, resolutions="240")
         video_uuid = created["video"]["uuid"]
         first_token = await register_runner(client, "first")
@@ -255,7 +260,10 @@ async def test_coordinator_restart_mid_live_continues_the_session(
         live_reconnect_grace_s=8.0,
         lease_s={JobType.LIVE_RTMP_HLS: 2.0},
     )
-    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+    async with (
+        serve_coordinator(config) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as client,
+    ):
         created = await create_live(client, resolutions="240")
         token = await register_runner(client, "runner")
         first = LiveRunner(client, token, tmp_path / "first")
@@ -268,7 +276,10 @@ async def test_coordinator_restart_mid_live_continues_the_session(
     await asyncio.wait_for(first_running, 10)  # its input ended with the coordinator
 
     video_uuid = created["video"]["uuid"]
-    async with serve_coordinator(config) as running, httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+    async with (
+        serve_coordinator(config) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as client,
+    ):
         assert (await live_of(client, video_uuid))["state"] == "live"
         second = LiveRunner(client, token, tmp_path / "second")
         async with publishing(_publish_url(created), 5) as publisher:

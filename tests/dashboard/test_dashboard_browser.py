@@ -7,6 +7,7 @@ page (with a job running next to the published video)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import uuid as uuidlib
@@ -275,3 +276,54 @@ async def test_a_job_no_connected_runner_takes_is_listed_above_the_jobs_and_badg
     await coordinator.coordinator.jobs.cancel(job)
     await expect(notice).to_be_hidden()
     await expect(row.locator(".badge.unclaimed")).to_have_count(0)
+@pytest.mark.parametrize(
+    "coordinator_config",
+    [
+        {
+            "rtmp_port": None,
+            "live_segment_duration_s": 1.0,
+            "live_segment_list_size": 6,
+            "live_reconnect_grace_s": 1.0,
+        }
+    ],
+    indirect=True,
+)
+async def test_a_live_shows_its_state_and_urls_and_plays_while_it_runs(
+    coordinator: RunningCoordinator, dashboard: Dashboard, tmp_path: Path
+) -> None:
+    """A live being streamed (real ffmpeg publishing, a protocol-level runner delivering its segments) is
+    listed as live with its viewers' URL and the RTMP URL; the player plays it through hls.js; once the
+    publisher is gone the row says ended."""
+    from tests.support.live import LiveRunner, create_live, publishing, request_live_job, wait_for
+    from tests.support.protocol import register_runner as register_protocol_runner
+
+    async with httpx.AsyncClient(base_url=coordinator.url, timeout=10) as http:
+        created = await create_live(http, "Evening show", resolutions="240")
+        token = await register_protocol_runner(http, "live-box")
+        live = created["live"]
+        runner = LiveRunner(http, token, tmp_path / "runner")
+        async with publishing(f"{live['rtmpUrl']}/{live['streamKey']}", 60) as publisher:
+            await runner.accept((await request_live_job(http, token))["uuid"])
+            running = asyncio.create_task(runner.run())
+
+            async def three() -> bool:
+                return len(runner.sent) >= 3
+
+            await wait_for(three, 15, "three segments")
+            page = await dashboard.sign_in(coordinator.url)
+            row = page.locator(f'#videos tr[data-video="{created["video"]["uuid"]}"]')
+            await expect(row).to_have_attribute("data-state", "live")
+            await expect(row.locator("a.live-hls")).to_have_attribute("href", live["hlsUrl"])
+            await expect(row.locator(".rtmp")).to_have_text(live["rtmpUrl"])
+            await expect(row.locator(".live-facts")).to_contain_text("publisher connected")
+            await row.get_by_role("button", name="Play").click()
+            await expect(page.locator("#player-video")).to_have_attribute("data-engine", "hls.js")
+            await expect(page.locator("#player-note")).to_have_text("live HLS (hls.js)")
+            await page.wait_for_function(
+                "() => { const v = document.querySelector('#player-video');"
+                " return v.readyState >= 2 && v.videoWidth === 320 && v.currentTime > 1.0; }",
+                timeout=PAGE_MS * 2,
+            )
+            publisher.kill()
+            await asyncio.wait_for(running, 15)
+        await expect(row).to_have_attribute("data-state", "ended", timeout=PAGE_MS)

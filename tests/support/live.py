@@ -71,7 +71,9 @@ async def publishing(url: str, seconds: float, **kwargs: Any) -> AsyncIterator[a
 
 
 async def create_live(client: httpx.AsyncClient, name: str = "a live", **fields: Any) -> dict[str, Any]:
-    response = await client.post("/api/v1/videos/live", json={"name": name, **fields}, headers=admin_headers())
+    response = await client.post(
+        "/api/v1/videos/live", json={"name": name, **fields}, headers=admin_headers()
+    )
     response.raise_for_status()
     created: dict[str, Any] = response.json()
     return created
@@ -96,7 +98,9 @@ async def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: floa
         await asyncio.sleep(interval_s)
 
 
-async def request_live_job(client: httpx.AsyncClient, runner_token: str, timeout_s: float = 10) -> dict[str, Any]:
+async def request_live_job(
+    client: httpx.AsyncClient, runner_token: str, timeout_s: float = 10
+) -> dict[str, Any]:
     async def offered() -> dict[str, Any] | None:
         response = await client.post(
             f"{RUNNERS}/jobs/request",
@@ -156,7 +160,11 @@ class LiveRunner:
                 "application/vnd.apple.mpegurl",
             )
         if master is not None:
-            files["payload[masterPlaylistFile]"] = ("master.m3u8", master.encode(), "application/vnd.apple.mpegurl")
+            files["payload[masterPlaylistFile]"] = (
+                "master.m3u8",
+                master.encode(),
+                "application/vnd.apple.mpegurl",
+            )
         response = await self.client.post(f"{RUNNERS}/jobs/{self.job['uuid']}/update", data=data, files=files)
         self.answers.append(response.status_code)
         return response

@@ -300,8 +300,25 @@
     );
   }
 
+  function liveDetails(live) {
+    // Viewers' URL, where publishers push (the stream key stays in the API: it is a secret), lag.
+    const found = [];
+    const hlsUrl = safeUrl(live.hlsUrl);
+    if (hlsUrl) found.push(el("a", { href: hlsUrl, class: "output live-hls", text: "live HLS" }));
+    found.push(el("span", { class: "rtmp", title: "RTMP URL for publishers (with the stream key)", text: live.rtmpUrl }));
+    const facts = [];
+    if (live.state === "live") facts.push(live.publisherConnected ? "publisher connected" : "publisher away");
+    if (typeof live.lagSeconds === "number") facts.push(`lag ${live.lagSeconds.toFixed(1)} s`);
+    if (live.saveReplay) facts.push("replay saved");
+    if (live.permanentLive) facts.push("permanent");
+    if (facts.length) found.push(el("div", { class: "hint live-facts", text: facts.join(" · ") }));
+    if (live.error) found.push(el("div", { class: "error-text", text: live.error }));
+    return found;
+  }
+
   function outputLinks(video) {
     const outputs = video.outputs ?? {};
+    if (video.live) return liveDetails(video.live);
     const links = [];
     if (outputs.hls && safeUrl(outputs.hls.masterPlaylistUrl)) {
       links.push(el("a", { href: safeUrl(outputs.hls.masterPlaylistUrl), class: "output", text: "HLS" }));
@@ -337,6 +354,7 @@
 
   function playable(video) {
     const outputs = video.outputs ?? {};
+    if (video.live) return video.live.state === "live" || (video.live.state !== "waiting" && video.live.session > 0);
     return Boolean((outputs.hls && outputs.hls.masterPlaylistUrl) || (outputs.webVideos ?? []).length);
   }
 
@@ -494,7 +512,12 @@
     stopPlayer();
     const video = $("#player-video");
     const note = $("#player-note");
-    const master = found.outputs.hls ? safeUrl(found.outputs.hls.masterPlaylistUrl) : null;
+    const master = found.live
+      ? safeUrl(found.live.hlsUrl)
+      : found.outputs.hls
+        ? safeUrl(found.outputs.hls.masterPlaylistUrl)
+        : null;
+    const kind = found.live ? "live HLS" : "HLS";
     const mp4 = (found.outputs.webVideos ?? []).map((w) => safeUrl(w.url)).find(Boolean) ?? null;
     $("#player").hidden = false;
     setText($("#player-title"), found.name);
@@ -504,18 +527,19 @@
       if (master && mse) {
         const Hls = await loadHls();
         if (!Hls.isSupported()) throw new Error("this browser cannot play HLS with hls.js");
-        hls = new Hls({ enableWorker: false });
+        // A live: start near the live edge, and keep retrying playlists that are not there yet.
+        hls = new Hls({ enableWorker: false, liveSyncDurationCount: 2, manifestLoadingMaxRetry: 10 });
         hls.on(Hls.Events.ERROR, (_event, data) => {
           if (data.fatal) setText(note, `Playback error: ${data.type} / ${data.details}`);
         });
         hls.loadSource(master);
         hls.attachMedia(video);
         video.dataset.engine = "hls.js";
-        setText(note, "HLS (hls.js)");
+        setText(note, `${kind} (hls.js)`);
       } else if (master && video.canPlayType("application/vnd.apple.mpegurl")) {
         video.src = master;
         video.dataset.engine = "native";
-        setText(note, "HLS (native)");
+        setText(note, `${kind} (native)`);
       } else if (mp4) {
         video.src = mp4;
         video.dataset.engine = "mp4";
