@@ -46,6 +46,10 @@ _STATE_NAME: Final = "live-state.json"
 _MAX_PLAYLIST_BYTES: Final = 256 * 1024
 _FLV_HEADER: Final = b"FLV\x01\x05\x00\x00\x00\x09\x00\x00\x00\x00"
 _URI_ATTRIBUTE: Final = re.compile(r'URI="([^"]*)"')
+# Runner names of listed segments remembered per rendition (where its next playlist continues).
+_LISTED_KEPT: Final = 8
+# Segments received and not listed yet, at most (a runner that never lists what it sends fills no disk).
+_MAX_PENDING: Final = 256
 
 
 class LiveUpdateRefused(ValueError):
@@ -222,6 +226,8 @@ class LiveFiles:
             raise LiveUpdateRefused("the master playlist is a media playlist")
         if playlist_text is not None and not _is_media_playlist(playlist_text):
             raise LiveUpdateRefused("the resolution playlist is not a media playlist")
+        if attempt < state.attempt:
+            raise LiveSessionEnded(video_uuid)  # a job of this session that another one replaced
         if attempt != state.attempt:
             self._switch_attempt(state, folder, attempt)
         if update.type == "add-chunk":
@@ -231,6 +237,9 @@ class LiveFiles:
             if not already:  # a listed segment is never replaced: players may have it
                 os.replace(update.chunk_file, folder / stored)
                 state.pending[update.chunk_name] = stored
+                while len(state.pending) > _MAX_PENDING:
+                    oldest = next(iter(state.pending))
+                    (folder / state.pending.pop(oldest)).unlink(missing_ok=True)
         elif update.chunk_name in state.pending:
             (folder / state.pending.pop(update.chunk_name)).unlink(missing_ok=True)
         published: list[Published] = []
@@ -261,10 +270,17 @@ class LiveFiles:
         entries, target = _parse_media_playlist(text)
         if target is not None and target > state.target_s:
             state.target_s = target
+        names = [entry[0] for entry in entries]
+        last_listed = rendition.listed[-1] if rendition.listed else None
+        if last_listed is not None and last_listed in names:
+            entries = entries[len(names) - names[::-1].index(last_listed) :]
+        else:
+            # Nothing of this playlist listed yet (or it moved past what was): what we do not hold at its
+            # head is older than what we hold.
+            while entries and entries[0][0] not in state.pending:
+                entries.pop(0)
         published: list[Published] = []
         for uri, duration, date in entries:
-            if uri in rendition.listed:
-                continue
             stored = state.pending.get(uri)
             if stored is None:
                 break  # not received yet: nothing after it may be listed before it
@@ -282,11 +298,11 @@ class LiveFiles:
             rendition.listed.append(uri)
             rendition.total += 1
             published.append(Published(name, segment))
-        del rendition.listed[: max(0, len(rendition.listed) - 4 * state.list_size)]
+        del rendition.listed[:-_LISTED_KEPT]
         while len(rendition.segments) > state.list_size:
             gone = rendition.segments.pop(0)
             rendition.sequence += 1
-            if rendition.segments and rendition.segments[0].discontinuity:
+            if gone.discontinuity:  # RFC 8216 §6.2.1: its tag leaves with it
                 rendition.discontinuity_sequence += 1
             rendition.retired.append(gone.name)
         while len(rendition.retired) > state.list_size:
