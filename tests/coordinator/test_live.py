@@ -369,3 +369,46 @@ async def test_save_replay_makes_a_video_with_its_jobs(
     assert kinds == ["generate-video-storyboard", "vod-hls-transcoding", "vod-web-video-transcoding"]
     assert ended["live"]["replays"] == [] or ended["live"]["replays"] == replays
     assert not list(live_coordinator.coordinator.live.files.folder(created["video"]["uuid"]).glob("*.flv"))
+
+
+@_SQLITE
+async def test_cli_live_create_and_status(
+    live_coordinator: RunningCoordinator, coordinator: RunningCoordinator
+) -> None:
+    """`coordinator live create` prints the RTMP URL and stream key, the video id last (`--json`: PeerTube's
+    names); `coordinator status` shows the live's state and URL; a coordinator with live off says so."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.support.servers import ADMIN_TOKEN
+    from tuberunner.cli import app
+
+    env = {"TUBERUNNER_ADMIN_TOKEN": ADMIN_TOKEN}
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(app, list(args), env=env)
+
+    url = live_coordinator.url
+    as_json = await asyncio.to_thread(
+        run, "coordinator", "live", "create", "cli show", "--url", url, "--json"
+    )
+    assert as_json.exit_code == 0, as_json.output
+    created = json.loads(as_json.stdout)
+    assert set(created) == {"rtmpUrl", "streamKey", "uuid"}
+    assert created["rtmpUrl"].startswith("rtmp://127.0.0.1:")
+    plain = await asyncio.to_thread(
+        run, "coordinator", "live", "create", "other", "--url", url, "--resolutions", "480,240", "--permanent"
+    )
+    assert plain.exit_code == 0, plain.output
+    lines = plain.stdout.strip().splitlines()
+    assert lines[0].startswith("RTMP URL:   rtmp://")
+    assert re.fullmatch(r"stream key: [0-9a-f-]{36}", lines[1])
+    status = await asyncio.to_thread(run, "coordinator", "status", lines[-1], "--url", url)
+    assert status.exit_code == 0, status.output
+    assert f"{lines[-1]}  'other'  waiting" in status.output
+    assert f"live HLS: {url}/static/streaming-playlists/hls/{lines[-1]}/master.m3u8" in status.output
+
+    off = await asyncio.to_thread(run, "coordinator", "live", "create", "x", "--url", coordinator.url)
+    assert off.exit_code == 1
+    assert "Live is off on this coordinator" in off.output
