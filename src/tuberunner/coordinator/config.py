@@ -75,7 +75,7 @@ class CoordinatorConfig:
     live_resolutions: tuple[int, ...] = DEFAULT_LIVE_RESOLUTIONS
     # How long a live whose publisher left waits for it to come back (or for its runner to deliver the
     # last segments) before the session ends.
-    live_reconnect_grace_s: float = 30.0
+    live_reconnect_grace_s: float = 10.0
 
     def lease_for(self, job_type: str) -> float:
         try:
