@@ -28,7 +28,7 @@ app.add_typer(runner_cli.app)
 
 
 # The one-shot commands draw progress on the terminal: their log shows warnings and errors unless asked.
-_QUIET_COMMANDS = frozenset({"transcode", "demo"})
+_QUIET_COMMANDS = frozenset({"transcode", "demo", "live"})
 
 
 @app.callback()
@@ -449,6 +449,54 @@ def _parse_cut(value: str | None) -> tuple[float | None, float | None] | None:
     if start is not None and end is not None and end <= start:
         raise typer.BadParameter("END must come after START", param_hint="--cut")
     return start, end
+
+
+@app.command()
+def live(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the live HLS")],
+    resolutions: Annotated[
+        str | None, typer.Option("--resolutions", help="Ladder, e.g. 720,480 (default 720,480,360)")
+    ] = None,
+    rtmp_port: Annotated[
+        int, typer.Option("--rtmp-port", min=1, max=65535, help="RTMP port to publish to")
+    ] = 1935,
+    name: Annotated[str, typer.Option("--name", help="Name of the live")] = "live",
+) -> None:
+    """Transcode one live with an embedded coordinator and runner: prints where to publish (RTMP URL and
+    stream key, e.g. for OBS), writes the live HLS into OUT/ as it goes, and leaves a complete VOD HLS of the
+    whole stream there when the publisher stops."""
+    import asyncio
+    import signal
+
+    from tuberunner.oneshot.live import LiveOptions, run_live
+    from tuberunner.oneshot.session import TranscodeError
+
+    options = LiveOptions(
+        output=output, resolutions=_parse_resolutions(resolutions), rtmp_port=rtmp_port, name=name
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        try:
+            result = await run_live(options, lambda line: typer.echo(line, err=True), stop)
+        except TranscodeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            return exc.exit_code
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+        if result.error:
+            typer.echo(f"the live ended with an error: {result.error}", err=True)
+        counts = ", ".join(
+            f"{playlist}: {len(names)} segments" for playlist, names in result.playlists.items()
+        )
+        typer.echo(f"live ended; VOD HLS in {output}/master.m3u8 ({counts or 'no segment'})", err=True)
+        return 0 if result.playlists and not result.error else 1
+
+    raise typer.Exit(asyncio.run(main()))
 
 
 @app.command()
