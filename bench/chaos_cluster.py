@@ -433,6 +433,8 @@ class CoordinatorNode:
             str(self.port),
             "--lease",
             f"{self.lease_s:g}",
+            "--rtmp-port",
+            "0",
         ]
         extra_env: dict[str, str] = {"TUBERUNNER_ADMIN_TOKEN": self.admin_token}
         if self.shared is not None:

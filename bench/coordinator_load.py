@@ -157,6 +157,8 @@ class CoordinatorProcess:
             str(self.port),
             "--lease",
             "120",
+            "--rtmp-port",
+            "0",
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]

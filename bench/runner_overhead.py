@@ -238,8 +238,9 @@ class Bench:
     async def start_coordinator(self) -> None:
         data = self.folder / "coordinator"
         self.coordinator = self.spawn(
-            "coordinator", "coordinator", "serve", "--data-dir", str(data), "--port", str(self.port)
-        )
+            "coordinator", "coordinator", "serve", "--data-dir", str(data), "--port", str(self.port),
+            "--rtmp-port", "0",
+        )  # fmt: skip
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.coordinator.poll() is not None:

@@ -85,7 +85,7 @@ async def test_the_coordinator_notifies_ready_once_it_listens(tmp_path: Path) ->
         }
         data_dir = tmp_path / "coordinator"
         log_path = tmp_path / "coordinator.log"
-        args = ["coordinator", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+        args = ["coordinator", "serve", "--data-dir", str(data_dir), "--port", str(port), "--rtmp-port", "0"]
         process = await start_tuberunner(env, log_path, *args)
         try:
             messages = await systemd.until("READY=1")

@@ -70,11 +70,19 @@ class CoordinatorProcess:
     """`tuberunner coordinator serve` as a child process, for SIGKILL and restart tests."""
 
     def __init__(
-        self, data_dir: Path, database_url: str | None, *, lease_s: float = 120.0, port: int | None = None
+        self,
+        data_dir: Path,
+        database_url: str | None,
+        *,
+        lease_s: float = 120.0,
+        port: int | None = None,
+        rtmp_port: int = 0,
     ):
         self.data_dir = data_dir
         self.database_url = database_url
         self.lease_s = lease_s
+        # 0: live off (the default 1935 may be taken: PeerTube, another test's coordinator).
+        self.rtmp_port = rtmp_port
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -94,6 +102,8 @@ class CoordinatorProcess:
             str(self.port),
             "--lease",
             str(self.lease_s),
+            "--rtmp-port",
+            str(self.rtmp_port),
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
