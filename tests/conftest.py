@@ -54,6 +54,7 @@ def coordinator_config(tmp_path: Path, database_url: str | None) -> CoordinatorC
         admin_token=ADMIN_TOKEN,
         reaper_interval_s=0.2,
         ping_debounce_s=0.01,
+        rtmp_port=None,  # live on, RTMP on a free port
     )
 
 

@@ -373,7 +373,7 @@ async def test_save_replay_makes_a_video_with_its_jobs(
 
 @_SQLITE
 async def test_cli_live_create_and_status(
-    live_coordinator: RunningCoordinator, coordinator: RunningCoordinator
+    live_coordinator: RunningCoordinator, coordinator_config: CoordinatorConfig
 ) -> None:
     """`coordinator live create` prints the RTMP URL and stream key, the video id last (`--json`: PeerTube's
     names); `coordinator status` shows the live's state and URL; a coordinator with live off says so."""
@@ -409,6 +409,7 @@ async def test_cli_live_create_and_status(
     assert f"{lines[-1]}  'other'  waiting" in status.output
     assert f"live HLS: {url}/static/streaming-playlists/hls/{lines[-1]}/master.m3u8" in status.output
 
-    off = await asyncio.to_thread(run, "coordinator", "live", "create", "x", "--url", coordinator.url)
+    async with serve_coordinator(replace(coordinator_config, rtmp_port=0)) as live_off:
+        off = await asyncio.to_thread(run, "coordinator", "live", "create", "x", "--url", live_off.url)
     assert off.exit_code == 1
     assert "Live is off on this coordinator" in off.output

@@ -81,6 +81,10 @@ async def _target(env: Env, method: str, path: str, result_files: dict[str, Path
         "{jobUUID}": seeded.parent,
         "{videoId}": seeded.video_uuid,
     }
+    if path.startswith("/api/v1/videos/live/"):
+        values["{videoId}"] = (
+            await env.c.live.create("a live", None, save_replay=False, permanent=False)
+        ).video_uuid
     url = path
     for key, value in values.items():
         url = url.replace(key, value)
@@ -102,6 +106,8 @@ async def _target(env: Env, method: str, path: str, result_files: dict[str, Path
             ]
         )
         kwargs = {"content": body, "headers": headers}
+    if (method, path) == ("POST", "/api/v1/videos/live"):
+        kwargs = {"json": {"name": "a live"}}
     return Target(method, url, kwargs, observe)
 
 
