@@ -38,8 +38,10 @@ STREAM_BEGIN: Final = 0
 STREAM_EOF: Final = 1
 
 DEFAULT_CHUNK_SIZE: Final = 128
-# The largest message taken from a peer: a 4K keyframe is a few MB.
-MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+# The largest message taken from a peer (a 4K keyframe is a few MB), and how many chunk streams one peer may
+# have open: together they bound what a connection can make us hold.
+MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+MAX_CHUNK_STREAMS: Final = 64
 _MAX_CHUNK_SIZE: Final = 0xFFFFFF
 _EXTENDED: Final = 0xFFFFFF
 
@@ -131,6 +133,8 @@ class ChunkReader:
         if state is None:
             if fmt != 0:
                 raise RtmpError(f"chunk stream {csid} starts without a full header")
+            if len(self._streams) >= MAX_CHUNK_STREAMS:
+                raise RtmpError(f"more than {MAX_CHUNK_STREAMS} chunk streams")
             state = self._streams[csid] = _InStream()
         starts_message = not state.body
         if fmt == 3:
