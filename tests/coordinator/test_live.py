@@ -413,3 +413,30 @@ async def test_cli_live_create_and_status(
         off = await asyncio.to_thread(run, "coordinator", "live", "create", "x", "--url", live_off.url)
     assert off.exit_code == 1
     assert "Live is off on this coordinator" in off.output
+
+
+@_SQLITE
+async def test_a_permanent_live_waits_for_its_next_session_which_starts_afresh(
+    live_coordinator: RunningCoordinator, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    created = await create_live(client, resolutions="240", permanentLive=True)
+    video_uuid = created["video"]["uuid"]
+    token = await register_runner(client, "runner")
+    sessions: list[LiveRunner] = []
+    for number in (1, 2):
+        runner = LiveRunner(client, token, tmp_path / f"runner-{number}")
+        sessions.append(runner)
+        async with publishing(_publish_url(created), 3) as publisher:
+            await runner.accept((await request_live_job(client, token))["uuid"])
+            await asyncio.wait_for(runner.run(), 20)
+            await publisher.wait()
+        waiting = await wait_for(lambda: _state(client, video_uuid, "waiting"), 10, "the live to wait again")
+        assert waiting["live"]["session"] == number
+        playlist = (await client.get(created["live"]["hlsUrl"].rsplit("/", 1)[0] + "/0.m3u8")).text
+        listed = [line for line in playlist.splitlines() if line.endswith(".ts")]
+        # Session 2's playlists hold only its own segments, named apart from session 1's.
+        assert listed == [f"{number}-{name}" for name in runner.sent[-4:]]
+        assert playlist.rstrip().endswith("#EXT-X-ENDLIST")
+    first_names = {f"1-{n}" for n in sessions[0].sent}
+    assert not list(live_coordinator.coordinator.live.files.folder(video_uuid).glob("1-*.ts"))
+    assert first_names.isdisjoint({f"2-{n}" for n in sessions[1].sent})

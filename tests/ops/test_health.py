@@ -204,7 +204,8 @@ async def test_the_coordinator_is_ready_while_its_storage_takes_files(
     healthz = await answer_of(coordinator.url + "/healthz", 200)
     assert healthz["checks"]["event_loop"]["ok"] is True
     ready = await answer_of(coordinator.url + "/readyz", 200)
-    assert set(ready["checks"]) == {"event_loop", "started", "database", "storage", "socket"}
+    assert set(ready["checks"]) == {"event_loop", "started", "database", "storage", "socket", "rtmp"}
+    assert ready["checks"]["rtmp"]["detail"].startswith("RTMP on 127.0.0.1:")
     assert ready["checks"]["database"] == {"ok": True, "detail": "answers SELECT 1"}
 
     files = coordinator.config.files_dir

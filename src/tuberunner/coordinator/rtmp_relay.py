@@ -252,6 +252,10 @@ class RtmpRelay:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("RTMP server listening on %s:%d", self.host, self.port)
 
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -2,7 +2,8 @@
 
     /healthz   the event loop turns (the loop monitor's last tick is fresh, its lag small)
     /readyz    the database answers `SELECT 1`, the files folder takes a new file, the socket layer is up
-               (with Redis: its server answers PING), the loop turns, the app has started
+               (with Redis: its server answers PING), the RTMP server listens (live on), the loop turns,
+               the app has started
     /metrics   Prometheus text: jobs by type and state (queue depth and outcomes), pending jobs no connected
                runner takes, registered runners, open runner sockets, lease expiries, available-jobs pings,
                storyboards the coordinator made itself, uploads left by a crash and removed;
@@ -115,11 +116,14 @@ class CoordinatorOps:
 
     async def readiness(self) -> HealthReport:
         started = Check("started", self.started, "serving" if self.started else "starting or stopping")
-        checks = await asyncio.gather(
+        parts = [
             _bounded("database", self._database),
             _bounded("storage", self._storage),
             _bounded("socket", self._socket),
-        )
+        ]
+        if self.coordinator.live.relay is not None:
+            parts.append(_bounded("rtmp", self._rtmp))
+        checks = await asyncio.gather(*parts)
         return HealthReport.of([self.loop_monitor.check(), started, *checks])
 
     async def _database(self) -> str:
@@ -143,6 +147,13 @@ class CoordinatorOps:
         if isinstance(listener, asyncio.Task) and listener.done():
             raise RuntimeError("the Redis listener of socket.io has stopped")
         return f"socket.io over Redis, {sockets} runner socket(s) open here"
+
+    async def _rtmp(self) -> str:
+        relay = self.coordinator.live.relay
+        assert relay is not None
+        if not relay.listening:
+            raise RuntimeError("the RTMP server is not listening")
+        return f"RTMP on {relay.host}:{relay.port}"
 
     # -------------------------------------------------------------------- metrics
 
