@@ -198,6 +198,7 @@ async def test_a_blocked_event_loop_is_not_healthy_until_it_turns_again() -> Non
             await task
 
 
+@pytest.mark.parametrize("coordinator_config", [{"rtmp_port": None}], indirect=True)
 async def test_the_coordinator_is_ready_while_its_storage_takes_files(
     coordinator: RunningCoordinator,
 ) -> None:
