@@ -27,6 +27,8 @@ as PeerTube publishes a video once its transcoding is done: `processing` while o
 Storyboard and caption jobs never hold a video back: they are listed under `attachments` (pending, done,
 failed or cancelled, with `unclaimedSince` while no connected runner takes them, see `claims`) and their
 files join the outputs when they are done.
+A live video (`live_api`) has its live's state instead (`waiting`, `live`, `ended`), a `live` object,
+and its HLS files are served from the live's folder (`live_files`).
 """
 
 from __future__ import annotations
