@@ -9,7 +9,12 @@ picture, a keyframe every 2 s) and the same ladder with PeerTube's normal latenc
   processes; the publisher pushes to the coordinator, the runner pulls from it, transcodes with its live
   command and uploads; a viewer reads the coordinator's live HLS over HTTP every 0.1 s;
 * **by hand**: the runner's own live command (`media.live.live_command`), ffmpeg listening for the publisher
-  itself (`-listen 1`), writing HLS into a folder the viewer reads every 0.1 s.
+  itself (`-listen 1`), writing HLS into a folder the viewer reads every 0.1 s. This ffmpeg reads the
+  stream from its first frame in real time, so its input analysis (5 s by default) delays its output; the
+  runner's ffmpeg starts on the coordinator's kept GOP, which comes as a burst.
+
+The viewer polls the coordinator's master and media playlists every 0.1 s: most of the coordinator's CPU in
+these numbers is answering it.
 
 Numbers: first segment of each rendition after the first frame was published; lag when a segment first
 appears (wall clock minus the stream time of its last frame, read from the picture), median and max; CPU
@@ -113,7 +118,8 @@ class Viewer:
         from tuberunner.media.samples import frame_counters
 
         ffmpeg = find_ffmpeg()
-        while not until():
+        while True:
+            last_pass = until()  # one more pass once it is over: the last segments are listed by then
             master = await self.read("master.m3u8")
             playlists = (
                 [
@@ -141,6 +147,8 @@ class Viewer:
                     if frames:
                         self.lags_s.append(time.time() - (self.started_at + (frames[-1] + 1) / FPS))
                         self.last_frame = max(self.last_frame, frames[-1])
+            if last_pass:
+                return
             await asyncio.sleep(0.1)
 
     def report(self) -> dict[str, Any]:
