@@ -118,6 +118,13 @@ def coordinator_serve(
     rtmp_port: Annotated[
         int, typer.Option("--rtmp-port", min=0, max=65535, help="RTMP port for live publishers (0: live off)")
     ] = 1935,
+    rtmp_public_host: Annotated[
+        str | None,
+        typer.Option(
+            "--rtmp-public-host",
+            help="Host in the RTMP URLs given to publishers and runners (default: the host they reached us at)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the runner, admin and ingest APIs, RTMP for lives, and /healthz, /readyz, /metrics."""
     import uvicorn
@@ -141,6 +148,7 @@ def coordinator_serve(
         serve_outputs=serve_outputs,
         rtmp_port=rtmp_port,
         rtmp_host=host,
+        rtmp_public_host=rtmp_public_host,
     )
     systemd = SystemdNotifier.from_env()
     server_config = uvicorn.Config(
