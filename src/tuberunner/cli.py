@@ -122,7 +122,7 @@ def coordinator_serve(
         str | None,
         typer.Option(
             "--rtmp-public-host",
-            help="Host in the RTMP URLs given to publishers and runners (default: the host they reached us at)",
+            help="Host in the RTMP URLs given to publishers and runners (default: the one they reached)",
         ),
     ] = None,
 ) -> None:
