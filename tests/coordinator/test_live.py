@@ -27,6 +27,7 @@ from tests.support.live import (
 from tests.support.protocol import RUNNERS, admin_headers, register_runner
 from tests.support.servers import RunningCoordinator, serve_coordinator
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.protocol.jobs import JobType
 
 pytestmark = pytest.mark.timeout(90)
@@ -61,7 +62,19 @@ def _publish_url(created: dict[str, Any]) -> str:
 
 async def _probe(url: str) -> int:
     probe = await asyncio.create_subprocess_exec(
-        "ffprobe", "-v", "error", "-rw_timeout", "5000000", "-i", url, stdin=asyncio.subprocess.DEVNULL
+        str(find_ffmpeg()),
+        "-v",
+        "error",
+        "-rw_timeout",
+        "5000000",
+        "-i",
+        url,
+        "-t",
+        "0.2",
+        "-f",
+        "null",
+        "-",
+        stdin=asyncio.subprocess.DEVNULL,
     )
     return await asyncio.wait_for(probe.wait(), 20)
 
@@ -76,7 +89,7 @@ async def test_live_from_publish_to_end(
     assert created["live"]["state"] == "waiting"
 
     wrong = await asyncio.create_subprocess_exec(
-        "ffmpeg", "-v", "quiet", "-f", "lavfi", "-i", "testsrc2", "-t", "1", "-f", "flv",
+        str(find_ffmpeg()), "-v", "quiet", "-f", "lavfi", "-i", "testsrc2", "-t", "1", "-f", "flv",
         f"{created['live']['rtmpUrl']}/not-the-key", stdin=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert await asyncio.wait_for(wrong.wait(), 20) != 0

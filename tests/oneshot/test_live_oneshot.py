@@ -17,6 +17,7 @@ import pytest
 from tests.support.live import LiveRunner, publishing, request_live_job, wait_for
 from tests.support.servers import free_port
 from tuberunner.coordinator.embedded import Embedded
+from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.oneshot.live import LiveOptions, run_live
 
 pytestmark = pytest.mark.timeout(90)
@@ -79,8 +80,26 @@ async def test_live_oneshot_mirrors_the_live_and_leaves_a_vod_of_the_whole_strea
     assert result.playlists == {"0.m3u8": listed}
     for name in listed:
         assert (out / name).read_bytes() == (runner.work / name.split("-", 1)[1]).read_bytes()
-    # The whole stream plays from OUT/ alone.
-    args = ["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(out / "master.m3u8")]
-    probe = await asyncio.create_subprocess_exec("ffprobe", *args, stdout=asyncio.subprocess.PIPE)
-    stdout, _ = await probe.communicate()
-    assert float(stdout) >= len(listed) - 1.5
+    # The whole stream plays from OUT/ alone: as many frames as its playlist's durations say (25 fps).
+    args = [
+        "-v",
+        "error",
+        "-i",
+        str(out / "master.m3u8"),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "framecrc",
+        "-",
+    ]
+    decode = await asyncio.create_subprocess_exec(str(find_ffmpeg()), *args, stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await decode.communicate()
+    assert decode.returncode == 0
+    packets = [line for line in stdout.decode().splitlines() if line and not line.startswith("#")]
+    listed_s = sum(
+        float(line[len("#EXTINF:") :].rstrip(",")) for line in vod.splitlines() if line.startswith("#EXTINF:")
+    )
+    assert abs(len(packets) - listed_s * 25) <= 1
+    assert len(packets) >= 3 * 25  # the runner joined within the first seconds

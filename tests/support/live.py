@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from tests.support.protocol import RUNNERS, admin_headers
+from tuberunner.media.binaries import find_ffmpeg
 
 MASTER = "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-STREAM-INF:BANDWIDTH=800000,RESOLUTION=320x240\n0.m3u8\n"
 
@@ -26,7 +27,7 @@ MASTER = "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-STREAM-INF:BANDWIDTH=800000,RESOLUTI
 def publish_args(url: str, seconds: float, *, size: str = "320x240", rate: int = 25) -> list[str]:
     """A generated stream with a frame counter burnt in, a keyframe every second, published in real time."""
     return [
-        "ffmpeg",
+        str(find_ffmpeg()),
         "-hide_banner",
         "-loglevel",
         "error",
@@ -178,7 +179,7 @@ class LiveRunner:
         url = self.job["payload"]["input"]["rtmpUrl"]
         duration = self.job["payload"]["output"]["segmentDuration"]
         self.ffmpeg = await asyncio.create_subprocess_exec(
-            "ffmpeg",
+            str(find_ffmpeg()),
             "-hide_banner",
             "-loglevel",
             "error",
