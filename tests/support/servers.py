@@ -45,15 +45,21 @@ class RunningCoordinator:
 
 @asynccontextmanager
 async def serve_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoordinator]:
-    """Start the real app under uvicorn in this event loop; stop it (lifespan included) on exit."""
-    port = free_port()
+    """Start the real app under uvicorn in this event loop; stop it (lifespan included) on exit.
+
+    The listening socket is bound before the app starts: a port picked and released first could be taken
+    meanwhile (by the RTMP server the app starts on a free port, say), and uvicorn then exits the process."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
         )
     )
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             task.result()
@@ -63,7 +69,10 @@ async def serve_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningC
         yield RunningCoordinator(f"http://127.0.0.1:{port}", config, app)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 30)
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            sock.close()
 
 
 class CoordinatorProcess:
