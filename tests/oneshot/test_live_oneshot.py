@@ -14,11 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.live import LiveRunner, publishing, request_live_job, wait_for
+from tests.support.live import LiveRunner, publish_args, publishing, request_live_job, wait_for
 from tests.support.servers import free_port
 from tuberunner.coordinator.embedded import Embedded
 from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.oneshot.live import LiveOptions, run_live
+from tuberunner.protocol.jobs import JobType
+from tuberunner.runner.processors import PROCESSORS
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,3 +105,47 @@ async def test_live_oneshot_mirrors_the_live_and_leaves_a_vod_of_the_whole_strea
     )
     assert abs(len(packets) - listed_s * 25) <= 1
     assert len(packets) >= 3 * 25  # the runner joined within the first seconds
+
+
+@pytest.mark.skipif(
+    JobType.LIVE_RTMP_HLS not in PROCESSORS, reason="the runner of this tree has no live processor"
+)
+async def test_live_oneshot_with_its_own_runner_leaves_every_frame_in_out(tmp_path: Path) -> None:
+    """The command as users run it: the embedded runner transcodes (240p and the audio); OUT/ ends with a
+    VOD HLS of the whole stream, every frame of it (the publisher's single GOP is kept for the runner)."""
+    out = tmp_path / "out"
+    lines: list[str] = []
+    options = LiveOptions(output=out, resolutions=(240,), rtmp_port=free_port(), segment_duration_s=2.0)
+    session = asyncio.create_task(run_live(options, lines.append, asyncio.Event()))
+
+    async def key() -> str | None:
+        found = [line.split()[-1] for line in lines if line.startswith("(ffmpeg: -f flv ")]
+        return found[0].rstrip(")") if found else None
+
+    url = await wait_for(key, 30, "the RTMP URL")
+    args = publish_args(url, 6)
+    args[args.index("-g") + 1] = "1000"
+    publisher = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL)
+    assert await publisher.wait() == 0
+    result = await asyncio.wait_for(session, 30)
+    assert result.error is None
+    assert set(result.playlists) == {"0.m3u8", "1.m3u8"}  # audio, 240p
+    decode_args = [
+        "-v",
+        "error",
+        "-i",
+        str(out / "1.m3u8"),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "framecrc",
+        "-",
+    ]
+    decode = await asyncio.create_subprocess_exec(
+        str(find_ffmpeg()), *decode_args, stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await decode.communicate()
+    packets = [line for line in stdout.decode().splitlines() if line and not line.startswith("#")]
+    assert len(packets) == 6 * 25
