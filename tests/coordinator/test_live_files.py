@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuberunner.coordinator.live_files import LiveFiles, LiveSessionEnded, LiveUpdate
-from tuberunner.coordinator.storage import Storage
 
 VIDEO = "00000000-0000-4000-8000-000000000001"
 MASTER = '#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\n0.m3u8\n#EXT-X-MEDIA:TYPE=AUDIO,URI="1.m3u8"\n'
@@ -35,7 +34,7 @@ def _send(
 
 def test_a_whole_session_runner_playlist_keeps_our_window_and_sequence(tmp_path: Path) -> None:
     """A runner whose playlist lists every segment since its start (hls_list_size 0)."""
-    files = LiveFiles(Storage(tmp_path / "files"))
+    files = LiveFiles(tmp_path / "live")
     files.begin_session(VIDEO, 1, list_size=4, segment_s=2.0)
     sent: list[str] = []
     for index in range(30):
@@ -56,7 +55,7 @@ def test_a_whole_session_runner_playlist_keeps_our_window_and_sequence(tmp_path:
 def test_a_new_attempt_continues_after_a_discontinuity_and_the_master_waits_for_its_playlists(
     tmp_path: Path,
 ) -> None:
-    files = LiveFiles(Storage(tmp_path / "files"))
+    files = LiveFiles(tmp_path / "live")
     files.begin_session(VIDEO, 1, list_size=3, segment_s=2.0)
     _send(files, tmp_path, 1, "0-000000.ts", ["0-000000.ts"], master=MASTER)
     assert files.servable(VIDEO, "master.m3u8") is None  # 1.m3u8 has no segment yet

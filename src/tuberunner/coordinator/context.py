@@ -44,7 +44,9 @@ class Coordinator:
             self.db, config, self.storage, notify_pending=self._ping, completer=self.completer
         )
         self.runners = RunnerRegistry(self.db, self.jobs)
-        self.live = LiveService(self.db, config, self.jobs, self.videos, LiveFiles(self.storage))
+        self.live = LiveService(
+            self.db, config, self.jobs, self.videos, self.storage, LiveFiles(config.data_dir / "live")
+        )
         self.notifier = Notifier(self.runners, config.ping_debounce_s, config.redis_url)
         self.claims = ClaimWatch(
             self.db,

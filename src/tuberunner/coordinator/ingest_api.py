@@ -686,6 +686,7 @@ async def delete_video(request: Request) -> Response:
     for job in video_jobs:
         await _delete_quietly(c.storage.delete_prefix(result_prefix(job.uuid)), f"job {job.uuid}")
     await _delete_quietly(c.storage.delete_prefix(video_prefix(video.uuid)), f"video {video.uuid}")
+    c.live.files.remove(video.uuid)  # a live's HLS (none for other videos)
     log.info("video %s deleted with %d job(s)", video.uuid, len(video_jobs))
     return Response(status_code=204)
 

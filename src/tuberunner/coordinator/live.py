@@ -70,6 +70,7 @@ from tuberunner.coordinator.models import Job, JobSpec
 from tuberunner.coordinator.problems import BadRequest
 from tuberunner.coordinator.rtmp_relay import PlayGrant, PublishGrant, RtmpRelay
 from tuberunner.coordinator.schema import lives, videos
+from tuberunner.coordinator.storage import StorageError, video_key, video_prefix
 from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.media.errors import MediaError
 from tuberunner.media.probe import probe
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from tuberunner.coordinator.config import CoordinatorConfig
     from tuberunner.coordinator.database import Database
     from tuberunner.coordinator.jobs import JobService
+    from tuberunner.coordinator.storage import Storage
     from tuberunner.coordinator.videos import VideoStore
 
 log = logging.getLogger(__name__)
@@ -204,12 +206,14 @@ class LiveService:
         config: CoordinatorConfig,
         jobs_service: JobService,
         video_store: VideoStore,
+        storage: Storage,
         files: LiveFiles,
     ) -> None:
         self.db = db
         self.config = config
         self.jobs = jobs_service
         self.videos = video_store
+        self.storage = storage
         self.files = files
         self.counters = LiveCounters()
         self.relay: RtmpRelay | None = None
@@ -624,14 +628,15 @@ class LiveService:
             log.warning("live %s: session %d left no recording; no replay", live.video_uuid, session)
             return
         replay_uuid = str(uuidlib.uuid4())
-        folder = self.videos.storage.video_dir(replay_uuid)
-        source = folder / "source.mp4"
+        work = self.files.replay_folder(live.video_uuid)
+        source = work / f"{replay_uuid}.mp4"
         video_id: int | None = None
         try:
             await _remux(recordings, source)
             info = await probe(source)
             options = GraphOptions(resolutions=tuple(sorted(set(live.resolutions), reverse=True)))
             specs = build_job_graph(replay_uuid, info, options)
+            stored = await self.storage.put_file(video_key(replay_uuid, "source.mp4"), source)
             now = time.time()
             name = f"{live.name} (replay {datetime.now().strftime('%Y-%m-%d %H:%M')})"[:255]
             async with self.db.write() as conn:
@@ -642,7 +647,7 @@ class LiveService:
                         state="processing",
                         options={"resolutions": list(options.resolutions), "replayOf": live.video_uuid},
                         source={
-                            "filename": source.name,
+                            "filename": "source.mp4",
                             "size": info.size_bytes,
                             "durationS": info.duration_s,
                         },
@@ -657,8 +662,8 @@ class LiveService:
             await self.videos.put_file(
                 video_id,
                 "source",
-                source.name,
-                source,
+                "source.mp4",
+                stored,
                 resolution=info.video.short_side if info.video else None,
                 fps=round(info.video.fps) if info.video else None,
             )
@@ -669,15 +674,18 @@ class LiveService:
                     .where(lives.c.id == live.id)
                     .values(replays=[*live.replays, replay_uuid], updated_at=time.time())
                 )
-        except (MediaError, ValueError, OSError) as exc:
+        except (MediaError, StorageError, ValueError, OSError) as exc:
             log.error(
                 "live %s: the replay of session %d could not be made: %s", live.video_uuid, session, exc
             )
             if video_id is not None:
                 async with self.db.write() as conn:
                     await conn.execute(delete(videos).where(videos.c.id == video_id))
-            self.videos.storage.remove_tree(folder)
+            with contextlib.suppress(StorageError):
+                await self.storage.delete_prefix(video_prefix(replay_uuid))
             return
+        finally:
+            source.unlink(missing_ok=True)
         self.files.drop_recordings(live.video_uuid, session)
         self.counters.replays_created += 1
         log.info(

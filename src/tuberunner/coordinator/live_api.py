@@ -17,12 +17,12 @@ import uuid as uuidlib
 from typing import Any, Final
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tuberunner.coordinator.bodies import read_body
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
-from tuberunner.coordinator.file_responses import file_response
+from tuberunner.coordinator.file_responses import media_type_for
 from tuberunner.coordinator.live import Live
 from tuberunner.coordinator.problems import BadRequest, NotFound, invalid_params
 from tuberunner.media.profiles import VOD_RESOLUTIONS
@@ -87,7 +87,7 @@ def live_file_response(c: Coordinator, video_uuid: str, filename: str, request: 
     path = c.live.files.servable(video_uuid, filename)
     if path is None:
         raise NotFound("File not found")
-    response = file_response(path, request.headers.get("range"))
+    response = FileResponse(path, media_type=media_type_for(path.name))
     response.headers["access-control-allow-origin"] = "*"
     response.headers["cache-control"] = PLAYLIST_CACHE if path.suffix == ".m3u8" else SEGMENT_CACHE
     return response

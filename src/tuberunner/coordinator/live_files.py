@@ -1,6 +1,11 @@
 """Every file of live videos, in one place: segments, playlists, the session's state and recordings.
 
-    videos/<uuid>/live/
+They live in a local folder of the coordinator process that serves RTMP (`<data_dir>/live`), not in its
+file storage: a live writes a segment per rendition every few seconds, keeps each a minute at most and
+serves it to every viewer at once, which a local folder does best, whatever storage holds the videos (a
+replay's source goes to that storage like an upload).
+
+    <data_dir>/live/<uuid>/
         <attempt>-<runner's segment name>.ts   segments listed by our playlists (or just retired)
         <runner's playlist name>.m3u8          our media playlist of each rendition
         master.m3u8                            the runner's master, once each of its renditions has a segment
@@ -27,6 +32,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import struct
 from dataclasses import asdict, dataclass, field
@@ -34,8 +40,6 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from tuberunner.coordinator import rtmp_wire as wire
-from tuberunner.coordinator.storage import Storage
-from tuberunner.coordinator.video_outputs import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ _STATE_NAME: Final = "live-state.json"
 _MAX_PLAYLIST_BYTES: Final = 256 * 1024
 _FLV_HEADER: Final = b"FLV\x01\x05\x00\x00\x00\x09\x00\x00\x00\x00"
 _URI_ATTRIBUTE: Final = re.compile(r'URI="([^"]*)"')
+_UUID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Runner names of listed segments remembered per rendition (where its next playlist continues).
 _LISTED_KEPT: Final = 8
 # Segments received and not listed yet, at most (a runner that never lists what it sends fills no disk).
@@ -163,11 +168,13 @@ class FlvRecorder:
 
 
 class LiveFiles:
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
     def folder(self, video_uuid: str) -> Path:
-        return self.storage.video_dir(video_uuid) / "live"
+        if not _UUID.match(video_uuid):
+            raise ValueError(f"not a video uuid: {video_uuid!r}")
+        return self.root / video_uuid
 
     # ---------------------------------------------------------------- sessions
 
@@ -353,6 +360,17 @@ class LiveFiles:
 
 
 # ------------------------------------------------------------------------------------------ playlists
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old content or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_playlist(path: Path) -> str:
