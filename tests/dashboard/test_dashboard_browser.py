@@ -276,6 +276,8 @@ async def test_a_job_no_connected_runner_takes_is_listed_above_the_jobs_and_badg
     await coordinator.coordinator.jobs.cancel(job)
     await expect(notice).to_be_hidden()
     await expect(row.locator(".badge.unclaimed")).to_have_count(0)
+
+
 @pytest.mark.parametrize(
     "coordinator_config",
     [
