@@ -273,6 +273,7 @@ async def test_coordinator_restart_mid_live_continues_the_session(
         rtmp_port=free_port(),
         live_reconnect_grace_s=8.0,
         lease_s={JobType.LIVE_RTMP_HLS: 2.0},
+        restart_grace_s=2.0,  # the stale job's lease after the restart
     )
     async with (
         serve_coordinator(config) as running,
