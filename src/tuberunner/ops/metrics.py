@@ -38,6 +38,8 @@ ERROR_CLASSES: Final = ("transient", "job_gone", "runner_unknown", "rejected", "
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 # ffmpeg's speed: media seconds per wall second.
 _SPEED_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 50)
+# Live segment lag: well under a segment (2-4 s) when all is well.
+_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 
 
 def error_class(exc: BaseException) -> str:
@@ -102,10 +104,29 @@ class RunnerMetrics:
             ["instance"],
             registry=r,
         )
+        self.live_segments = Counter(
+            "tuberunner_runner_live_segments",
+            "Live segments by outcome: uploaded, or skipped (left the window before the server could get it)",
+            ["outcome"],
+            registry=r,
+        )
+        self.live_segment_lag = Histogram(
+            "tuberunner_runner_live_segment_lag_seconds",
+            "From ffmpeg listing a live segment to the server having it",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        for outcome in ("uploaded", "skipped"):
+            self.live_segments.labels(outcome)
         for label in ERROR_CLASSES:
             self.retries.labels(label)
             self.give_ups.labels(label)
         ProcessCollector(registry=r)
+
+    def live_segment(self, outcome: str, lag_s: float | None) -> None:
+        self.live_segments.labels(outcome).inc()
+        if lag_s is not None:
+            self.live_segment_lag.observe(lag_s)
 
     def watch(self, supervisor: Supervisor) -> None:
         """Read `supervisor` at every scrape."""

@@ -19,6 +19,7 @@ reject chunked uploads more often than sized ones); they are never read whole in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -47,7 +48,7 @@ from tuberunner.runner.errors import (
     error_from_response,
     translated,
 )
-from tuberunner.runner.job import AcceptedJob, JobOutput
+from tuberunner.runner.job import AcceptedJob, JobOutput, LiveChunkUpdate
 from tuberunner.runner.retry import Deadlines
 from tuberunner.runner.transfers import result_content_type
 
@@ -423,6 +424,34 @@ class InstanceClient:
             self._job_url(job.uuid, "update"),
             multipart=MultipartBody(fields, []),
             context=f"update job {job.uuid}",
+            whole_call_s=self.call_timeout_s,
+        )
+
+    async def update_live(self, job: AcceptedJob, update: LiveChunkUpdate) -> None:
+        """A live job's `update`: one segment added (with its file) or removed, the media playlist that lists
+        it and the master once, as multipart like the official runner (spec §7.4). Live updates carry no
+        progress: PeerTube refuses a live update without a chunk, so they are the live job's heartbeat."""
+        fields = [
+            ("runnerToken", self.runner_token),
+            ("jobToken", job.job_token),
+            ("payload[type]", update.kind),
+            ("payload[videoChunkFilename]", update.chunk_name),
+        ]
+        files: list[_FilePart] = []
+        if update.chunk_file is not None:
+            files.append(file_part("payload[videoChunkFile]", update.chunk_file, "videoChunkFile"))
+        if update.playlist is not None:
+            name, path = update.playlist
+            fields.append(("payload[resolutionPlaylistFilename]", name))
+            part = file_part("payload[resolutionPlaylistFile]", path, "resolutionPlaylistFile")
+            files.append(dataclasses.replace(part, filename=name))
+        if update.master is not None:
+            files.append(file_part("payload[masterPlaylistFile]", update.master, "masterPlaylistFile"))
+        await self._call(
+            "POST",
+            self._job_url(job.uuid, "update"),
+            multipart=MultipartBody(fields, files),
+            context=f"{update.kind} {update.chunk_name} of live job {job.uuid}",
             whole_call_s=self.call_timeout_s,
         )
 

@@ -92,6 +92,9 @@ class RunnerConfig:
     # overlap an encode) without the memory of four encoders; a ladder job encodes all rungs in one
     # ffmpeg anyway. Larger machines: about one job per 2 cores.
     concurrency: int = 2
+    # Lives at once, on slots of their own: a live never waits behind VOD work (nor VOD behind lives). One
+    # live to 3 renditions takes about one core of this 2-core machine at 720p; 0: no lives.
+    live_concurrency: int = 1
     # None: every job type this runner supports.
     enabled_job_types: frozenset[JobType] | None = None
     min_free_disk_bytes: int = 1024**3
@@ -270,6 +273,13 @@ SETTINGS: tuple[_Setting, ...] = (
         "concurrency",
         _integer(1, 256),
         "Jobs processed at once, all instances together.",
+    ),
+    _Setting(
+        "jobs",
+        "live_concurrency",
+        "live_concurrency",
+        _integer(0, 64),
+        "Live streams transcoded at once, on slots of their own beside `concurrency` (0: no lives).",
     ),
     _Setting(
         "jobs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tuberunner.protocol.jobs import JobType
 
@@ -40,6 +40,28 @@ class InputFetcher(Protocol):
 
 
 @dataclass(frozen=True)
+class LiveChunkUpdate:
+    """One `update` of a live job (spec §7.4): a segment added (its file) or removed, with the media
+    playlist that lists it (never a segment the server has not received) and the master, once."""
+
+    kind: Literal["add-chunk", "remove-chunk"]
+    chunk_name: str
+    chunk_file: Path | None = None
+    # (name on the server, file holding the text to send)
+    playlist: tuple[str, Path] | None = None
+    master: Path | None = None
+
+
+class LiveLink(Protocol):
+    """What a live job needs of the runner beyond the work folder: its updates, and where to count its
+    segments (`outcome`: uploaded, skipped; `lag_s`: from ffmpeg listing it to the server's answer)."""
+
+    async def send(self, update: LiveChunkUpdate) -> None: ...
+
+    def segment_done(self, outcome: str, lag_s: float | None) -> None: ...
+
+
+@dataclass(frozen=True)
 class ProcessingSettings:
     ffmpeg: Path
     threads: int = 0
@@ -64,6 +86,8 @@ class JobContext:
     report_speed: Callable[[float | None], None] = lambda speed: None
     # Encodes this runner made, reused instead of encoding again (None: no reuse).
     encodes: EncodeCache | None = None
+    # Live jobs only: updates and segment counts (None for other types).
+    live: LiveLink | None = None
 
 
 Processor = Callable[[JobContext], Awaitable[JobOutput]]

@@ -76,6 +76,7 @@ from tuberunner.runner.job import (
     AcceptedJob,
     InputFetcher,
     JobContext,
+    LiveChunkUpdate,
     ProcessingSettings,
     Processor,
 )
@@ -298,6 +299,11 @@ class JobRun:
         """A job holds a processing slot until its result is in the outbox (or its end is reported)."""
         return self.entry is None
 
+    @property
+    def is_live(self) -> bool:
+        """Lives have slots of their own (`[jobs] live_concurrency`): they never wait behind VOD work."""
+        return self.job.type is JobType.LIVE_RTMP_HLS
+
     def cancel(self, reason: CancelReason, detail: str = "") -> bool:
         """Record why, then cancel the job task. Refused once the job is finishing or already cancelled.
         While its result is being stored the reason is only recorded: the job acts on it once the result
@@ -406,7 +412,8 @@ class Supervisor:
         self.errors: deque[ErrorRecord] = deque(maxlen=_ERRORS_KEPT)
         self.started_at = time.time()
         self.draining = False
-        self._reserved_slots = 0
+        # Slots promised to accepts under way: (VOD, live).
+        self._reserved = [0, 0]
         self._retired_clients: list[InstanceClient] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -496,6 +503,12 @@ class Supervisor:
         for worker in self.workers.values():
             for task in worker.tasks:
                 task.cancel()
+        lives = [run for run in self.jobs.values() if run.is_live]
+        if lives:
+            # A live never finishes by itself: given back at once, so that another runner can take it over.
+            log.info("stopping: giving back %d live job(s) now", len(lives))
+            for run in lives:
+                run.cancel(CancelReason.SHUTDOWN)
         if not self.jobs:
             log.info("stopping: no job is running and no result is waiting")
         else:
@@ -669,11 +682,18 @@ class Supervisor:
 
     def job_types(self) -> frozenset[str]:
         enabled = self.config.enabled_job_types
-        return frozenset(str(t) for t in self.processors if enabled is None or t in enabled)
+        return frozenset(
+            str(t)
+            for t in self.processors
+            if (enabled is None or t in enabled)
+            and (t is not JobType.LIVE_RTMP_HLS or self.config.live_concurrency > 0)
+        )
 
-    def free_slots(self) -> int:
-        busy = sum(1 for run in self.jobs.values() if run.holds_slot)
-        return self.config.concurrency - busy - self._reserved_slots
+    def free_slots(self, *, live: bool = False) -> int:
+        """Free slots for VOD jobs (every type but live), or for lives."""
+        busy = sum(1 for run in self.jobs.values() if run.holds_slot and run.is_live == live)
+        limit = self.config.live_concurrency if live else self.config.concurrency
+        return limit - busy - self._reserved[live]
 
     def waiting_results(self, worker: InstanceWorker) -> int:
         return sum(
@@ -682,14 +702,21 @@ class Supervisor:
             if run.entry is not None and run.worker.config.key == worker.config.key
         )
 
-    def _slots_for(self, worker: InstanceWorker) -> int:
-        """Free slots, unless `worker`'s instance already has `concurrency` results waiting: a server that
-        hands out jobs but cannot take results back gets no more work until it does."""
+    def _wanted_types(self, worker: InstanceWorker) -> frozenset[str]:
+        """The job types there is a free slot for; none while `worker`'s instance already has `concurrency`
+        results waiting: a server that hands out jobs but cannot take results back gets no more work until
+        it does."""
         waiting = self.waiting_results(worker)
         if waiting >= self.config.concurrency:
             log.debug("%s: not asking for jobs, %d results wait for it", worker.config.url, waiting)
-            return 0
-        return self.free_slots()
+            return frozenset()
+        live = str(JobType.LIVE_RTMP_HLS)
+        types = self.job_types()
+        if self.free_slots() <= 0:
+            types &= {live}
+        if self.free_slots(live=True) <= 0:
+            types -= {live}
+        return types
 
     def _poll_delay_s(self, failures: int) -> float:
         jitter = self.config.poll_jitter
@@ -731,14 +758,14 @@ class Supervisor:
 
     async def _check(self, worker: InstanceWorker) -> None:
         """Ask for jobs and accept as many as there are free slots; a pass that took nothing ends it."""
-        while self._slots_for(worker) > 0 and not self.draining:
+        while (wanted := self._wanted_types(worker)) and not self.draining:
             if not self._disk_has_room():
                 return
-            offers = await worker.client.request_jobs(self.job_types(), self.version)
+            offers = await worker.client.request_jobs(wanted, self.version)
             worker.contact()
             took = False
             for offer in self._by_preference(worker, offers):
-                if self._slots_for(worker) <= 0 or self.draining:
+                if not self._wanted_types(worker) or self.draining:
                     return
                 with logs.bound(job_id=offer.uuid, job_type=offer.type):
                     took = await self._take(worker, offer) or took
@@ -762,7 +789,10 @@ class Supervisor:
         """Accept `offer` and start its job, unless we cannot take it or lose the race."""
         if offer.uuid in self.jobs or self._refused(worker, offer):
             return False
-        self._reserved_slots += 1
+        if offer.type not in self._wanted_types(worker):
+            return False  # no free slot of its kind (a server that ignores `jobTypes` offers it anyway)
+        live = offer.type == JobType.LIVE_RTMP_HLS
+        self._reserved[live] += 1
         try:
             job = await worker.client.accept(offer.uuid)
         except JobGone as exc:
@@ -777,7 +807,7 @@ class Supervisor:
             log.warning("accepting job %s failed: %s", offer.uuid, exc.message)
             return False
         finally:
-            self._reserved_slots -= 1
+            self._reserved[live] -= 1
         worker.contact()
         self._start_job(worker, job)
         return True
@@ -1017,10 +1047,12 @@ class Supervisor:
             report_progress=lambda value: self._progress(run, value),
             report_speed=lambda value: setattr(run, "speed", value),
             encodes=self.encodes,
+            live=_LiveLink(self, run) if run.is_live else None,
         )
 
     def _start_heartbeat(self, run: JobRun, stack: AsyncExitStack) -> None:
-        """The job's heartbeat, stopped when `stack` closes (its fate is settled)."""
+        """The job's heartbeat, stopped when `stack` closes (its fate is settled). A live job has none: its
+        segment updates are its heartbeat (PeerTube refuses a live update without a segment)."""
         assert self._tg is not None
         run.heartbeat = Heartbeat(
             run.client,
@@ -1034,6 +1066,9 @@ class Supervisor:
             on_answer=lambda: run.delivery.server_answered() if run.delivery is not None else None,
             retry=self.retry,
         )
+        if run.is_live:
+            run.heartbeat.stopped = True
+            return
         heartbeat_task = self._tg.create_task(
             self._heartbeat(run, run.heartbeat), name=f"heartbeat {run.job.uuid}"
         )
@@ -1155,6 +1190,21 @@ class Supervisor:
                 continue
             if config is not None and not self.draining:
                 self.apply_config(config)
+
+
+class _LiveLink:
+    """A live job's updates go through its instance's client; each one delivered is a contact."""
+
+    def __init__(self, supervisor: Supervisor, run: JobRun) -> None:
+        self.supervisor = supervisor
+        self.run = run
+
+    async def send(self, update: LiveChunkUpdate) -> None:
+        await self.run.client.update_live(self.run.job, update)
+        self.supervisor._delivered(self.run)
+
+    def segment_done(self, outcome: str, lag_s: float | None) -> None:
+        self.supervisor.metrics.live_segment(outcome, lag_s)
 
 
 _OUTCOME_OF_CANCEL = {

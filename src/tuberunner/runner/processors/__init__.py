@@ -24,7 +24,7 @@ from tuberunner.protocol.jobs import STUDIO_TASK_NAMES, JobType
 from tuberunner.protocol.payloads import PAYLOAD_MODELS, parse_payload
 from tuberunner.runner.config import RunnerConfig
 from tuberunner.runner.job import Processor
-from tuberunner.runner.processors import storyboard, studio, vod
+from tuberunner.runner.processors import live, storyboard, studio, vod
 from tuberunner.runner.processors.common import describe_validation
 from tuberunner.runner.processors.transcription import TranscriptionProcessor, transcription_settings
 from tuberunner.transcription import engine_problem
@@ -66,6 +66,7 @@ PROCESSORS: Mapping[JobType, Processor] = build_table(
         (JobType.VOD_AUDIO_MERGE, vod.audio_merge),
         (JobType.STORYBOARD, storyboard.storyboard),
         (JobType.STUDIO, studio.studio),
+        (JobType.LIVE_RTMP_HLS, live.live),
     ]
 )
 
