@@ -257,35 +257,32 @@ async def through(folder: Path, duration_s: float, resolutions: str) -> dict[str
 
 
 async def by_hand(folder: Path, duration_s: float, resolutions: str) -> dict[str, Any]:
-    from tuberunner.media.live import LiveRendition, live_command
-
     from tuberunner.media.binaries import find_ffmpeg
-    from tuberunner.media.commands import EncodeSettings
+    from tuberunner.media.live import LiveInput, LiveRendition, live_command
     from tuberunner.media.probe import probe
     from tuberunner.media.profiles import compute_output_fps
 
     ffmpeg = str(find_ffmpeg())
     out = folder / "hls"
     out.mkdir(parents=True)
-    # The input's description, as the runner's probe of the stream gives it: a few seconds recorded once.
+    # The input's description, as the runner's probe of the stream gives it (no bitrate over RTMP): a few
+    # seconds recorded once.
     sample = folder / "sample.flv"
     recording = publisher_args(ffmpeg, str(sample), 2)
     recording.remove("-re")
     await asyncio.to_thread(subprocess.run, recording, check=True)
     info = await probe(sample)
     ladder = [int(r) for r in resolutions.split(",")]
-    renditions = [LiveRendition(r, compute_output_fps(FPS, r, r == 480)) for r in ladder]
+    renditions = [LiveRendition(r, compute_output_fps(FPS, r, r == ladder[0])) for r in ladder]
     rtmp = f"rtmp://127.0.0.1:{free_port()}/live/bench"
-    command = live_command(
-        info,
+    args = live_command(
         rtmp,
+        LiveInput(video=info.video, audio=info.audio, bit_rate=None),
         renditions,
-        output_dir=out,
+        out_dir=out,
         segment_duration_s=SEGMENT_S,
-        segment_list_size=15,
-        settings=EncodeSettings(threads=0, has_libfdk_aac=False),
+        list_size=15,
     )
-    args = list(command.args)
     args.insert(args.index("-i"), "-listen")
     args.insert(args.index("-i"), "1")
     ladder_ffmpeg = spawn("ffmpeg", [ffmpeg, *args], folder / "ffmpeg.log")

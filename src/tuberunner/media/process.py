@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,14 @@ from pathlib import Path
 
 from tuberunner.media.errors import FfmpegFailed, FfmpegStalled, FfmpegTimedOut, FfmpegUnavailable
 from tuberunner.media.progress import Progress, ProgressParser, percent
+
+_RTMP_URL = re.compile(r"\b(rtmp[est]?://[^\s'\"/]+)/[^\s'\"]*", re.IGNORECASE)
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the path of every RTMP URL hidden: a live's carries its stream key or pull secret."""
+    return _RTMP_URL.sub(r"\1/…", text)
+
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +126,8 @@ async def run_ffmpeg(
         raise FfmpegUnavailable(f"cannot start ffmpeg at {ffmpeg}: {exc.strerror}") from exc
 
     pid = transport.get_pid()
-    logger.debug("ffmpeg started (pid %d): %s", pid, " ".join(argv))
+    # A live's input URL carries its stream key or pull secret: never in a log.
+    logger.debug("ffmpeg started (pid %d): %s", pid, redact_urls(" ".join(argv)))
     try:
         if on_start is not None:
             on_start(pid)

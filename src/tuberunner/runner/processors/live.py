@@ -45,10 +45,9 @@ from tuberunner.media.live import (
     PlaylistSegment,
     live_command,
     probe_live,
-    redact_urls,
     variant_count,
 )
-from tuberunner.media.process import run_ffmpeg
+from tuberunner.media.process import redact_urls, run_ffmpeg
 from tuberunner.media.progress import Progress
 from tuberunner.protocol.errors import ErrorCode
 from tuberunner.protocol.payloads import LivePayload
@@ -79,12 +78,23 @@ async def live(ctx: JobContext) -> JobOutput:
     url = payload.input.rtmpUrl
     renditions = [LiveRendition(r.resolution, r.fps) for r in payload.output.toTranscode]
     ctx.report_progress(None)
+    started = time.monotonic()
     try:
         stream = await probe_live(ctx.settings.ffmpeg, url, timeout_s=_PROBE_TIMEOUT_S)
     except ProbeError as exc:
         raise JobFailed(f"Cannot read the live stream: {exc}") from exc
     except FfmpegUnavailable as exc:
         raise JobFailed(f"Cannot read the live stream: {exc}") from exc
+    log.info(
+        "job %s: stream read in %.2f s: %s, %s; transcoding to %s",
+        ctx.job.uuid,
+        time.monotonic() - started,
+        "no video"
+        if stream.video is None
+        else f"{stream.video.width}x{stream.video.height} {stream.video.codec}",
+        "no audio" if stream.audio is None else stream.audio.codec,
+        ", ".join(f"{r.resolution}p{r.fps}" for r in renditions),
+    )
     session = LiveSession(
         ctx,
         ctx.live,
@@ -382,6 +392,9 @@ class LiveSession:
             self.lags_s.append(lag)
         self.uploaded += 1
         self.link.segment_done("uploaded", lag)
+        if self.uploaded == 1:
+            log.info("job %s: first live segment sent (%s)", self.ctx.job.uuid, segment.name)
+        log.debug("job %s: %s sent, %.2f s after ffmpeg listed it", self.ctx.job.uuid, segment.name, lag or 0)
         if segment.name not in rendition.listed:
             rendition.removals.append(segment.name)
 
