@@ -396,9 +396,12 @@ def test_supports_gives_the_reason_it_cannot_run_a_job() -> None:
         supports("video-transcoding-of-the-future", {})
         == "unknown job type 'video-transcoding-of-the-future'"
     )
+    # Transcription is added to a runner's table by its configuration (runner_processors), not built in.
     assert (
-        supports("live-rtmp-hls-transcoding", {})
-        == "job type live-rtmp-hls-transcoding is not supported by this runner"
+        supports("video-transcription", {}) == "job type video-transcription is not supported by this runner"
+    )
+    assert supports("live-rtmp-hls-transcoding", {}) == (
+        "malformed live-rtmp-hls-transcoding payload: input: Field required; output: Field required"
     )
     reason = supports("vod-hls-transcoding", {"input": {"videoFileUrl": VIDEO_URL}, "output": {"fps": 25}})
     assert reason is not None
