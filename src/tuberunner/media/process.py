@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tuberunner.media.errors import FfmpegFailed, FfmpegStalled, FfmpegTimedOut, FfmpegUnavailable
+from tuberunner.media.live import redact_urls
 from tuberunner.media.progress import Progress, ProgressParser, percent
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ async def run_ffmpeg(
         raise FfmpegUnavailable(f"cannot start ffmpeg at {ffmpeg}: {exc.strerror}") from exc
 
     pid = transport.get_pid()
-    logger.debug("ffmpeg started (pid %d): %s", pid, " ".join(argv))
+    # A live's input URL carries its pull secret: never in a log.
+    logger.debug("ffmpeg started (pid %d): %s", pid, redact_urls(" ".join(argv)))
     try:
         if on_start is not None:
             on_start(pid)
