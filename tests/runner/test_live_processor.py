@@ -161,15 +161,20 @@ def _run_outcome(harness: SupervisorHarness, job_uuid: str) -> str:
     [
         (Answer.session_ended(), ["success"], "succeeded"),
         (Answer.unknown_job(), [], "gone: "),
+        (
+            Answer(400, "Payload is invalid"),
+            ["error: The server refused live segment"],
+            "errored: The server refused live segment",
+        ),
     ],
-    ids=["session-ended-success", "unknown-job-nothing-reported"],
+    ids=["session-ended-success", "unknown-job-nothing-reported", "refused-error-reported"],
 )
 async def test_a_refused_update_stops_ffmpeg_within_a_second(
     start_runner: StartRunner, answer: Answer, reported: list[str], outcome: str
 ) -> None:
     """PeerTube's 400 `runner_job_not_in_processing_state` "Session of this live ended": the session is
     over, so ffmpeg is stopped and the job ends with `success`. 404: the job is not ours any more, so ffmpeg
-    is stopped and nothing is reported."""
+    is stopped and nothing is reported. Another 400: the job errors with the server's reason."""
     async with fake_live(list_size=4, seconds=60) as live:
         runner = await start_runner(live.instance, **_fast_polling())
         server = live.server
@@ -187,7 +192,7 @@ async def test_a_refused_update_stops_ffmpeg_within_a_second(
     assert ended_at - refused_at[0] <= 1.0
     assert len(refused_at) == 1  # never retried
     assert _run_outcome(runner, server.job_uuid).startswith(outcome)
-    assert server.ends == reported
+    assert [end[: len(expected)] for end, expected in zip(server.ends, reported, strict=True)] == reported
     assert server.problems == []
 
 
@@ -405,6 +410,12 @@ async def test_a_live_is_taken_while_the_vod_slot_is_busy_and_a_vod_job_while_th
         # Taken although the only VOD slot is busy...
         assert await supervisor.wait_for(lambda: job_uuid in supervisor.jobs, 10)
         assert first_vod in supervisor.jobs
+        registry = supervisor.metrics.registry
+        slots = {
+            name: registry.get_sample_value(f"tuberunner_runner_{name}")
+            for name in ("slots", "slots_busy", "live_slots", "live_slots_busy")
+        }
+        assert slots == {"slots": 1, "slots_busy": 1, "live_slots": 1, "live_slots_busy": 1}
         await _uploading(runner, 1)
         vod.release.set()
         assert await supervisor.wait_for(_ended(runner, first_vod), 10)
