@@ -178,7 +178,7 @@ async def test_a_refused_update_stops_ffmpeg_within_a_second(
     async with fake_live(list_size=4, seconds=60) as live:
         runner = await start_runner(live.instance, **_fast_polling())
         server = live.server
-        await server.wait_for(lambda: len(server.received) >= 2, 30, "the first segments")
+        await server.wait_for(lambda: len(server.received) >= 1, 30, "a first segment")
         watch = ProcessWatch(live.runner_ffmpeg())
         refused_at: list[float] = []
 
@@ -199,15 +199,19 @@ async def test_a_refused_update_stops_ffmpeg_within_a_second(
 async def test_uploads_falling_behind_skip_segments_never_listed_and_the_lag_recovers(
     start_runner: StartRunner,
 ) -> None:
-    """The first update of each rendition after the fault starts is answered after 7 s, longer than the
-    window (2 video segments of 2 s, 2 audio segments of 1 s): what left the window meanwhile is skipped
-    and counted, the playlists sent never list it, sequence numbers never go back, and once the server
-    answers at once again the lag is what it was before."""
-    delay_s = 7.0
+    """The first update of each rendition after the fault starts is answered after 4 s, longer than the
+    audio window (2 segments of 1 s): what left the window meanwhile is skipped and counted, the playlists
+    sent never list it, sequence numbers never go back, and once the server answers at once again the lag
+    is what it was before. (The video window, 2 segments of 2 s, outlasts the delay: nothing skipped.)"""
+    delay_s = 4.0
     async with fake_live(list_size=2, seconds=60) as live:
         runner = await start_runner(live.instance, **_fast_polling(call_timeout_s=15, read_timeout_s=15))
         server = live.server
-        await server.wait_for(lambda: len(server.received_of(VIDEO)) >= 2, 30, "video segments")
+        await server.wait_for(
+            lambda: len(server.received_of(AUDIO)) >= 2 and len(server.received_of(VIDEO)) >= 1,
+            30,
+            "the first segments",
+        )
         delayed: dict[str, float] = {}
 
         def slow(update: Update) -> Answer:
@@ -220,14 +224,14 @@ async def test_uploads_falling_behind_skip_segments_never_listed_and_the_lag_rec
         server.answer = slow
 
         def fresh() -> list[str]:
-            """Video segments received once the backlog the fault left had been sent (within ms of the end
+            """Audio segments received once the backlog the fault left had been sent (within ms of the end
             of the delay): listed by ffmpeg after the fault."""
             if len(delayed) < 2:
                 return []
             over_at = max(delayed.values()) + 0.5
-            return [name for name in server.received_of(VIDEO) if server.received[name] > over_at]
+            return [name for name in server.received_of(AUDIO) if server.received[name] > over_at]
 
-        await server.wait_for(lambda: len(fresh()) >= 2, 40, "two video segments after the fault")
+        await server.wait_for(lambda: len(fresh()) >= 2, 30, "two audio segments after the fault")
         after_fault = fresh()
         live.publisher.kill()
         assert await runner.supervisor.wait_for(lambda: not runner.supervisor.jobs, 20)
@@ -240,23 +244,23 @@ async def test_uploads_falling_behind_skip_segments_never_listed_and_the_lag_rec
         assert sequences == sorted(sequences)
         assert sequences[0] == 0
         gaps += sequences[-1] + 1 - len(sequences)
-    assert gaps >= 2, "the fault skipped nothing: the test did not test"
+    assert gaps >= 1, "the fault skipped nothing: the test did not test"
     assert _counter(runner, "skipped") == gaps
     assert _counter(runner, "uploaded") == len(server.received)
-    lags = _video_lags(server)
-    assert max(lags.values()) >= delay_s - VIDEO_SEGMENT_S, lags  # the fault was seen
+    lags = _lags(server, AUDIO)
+    assert max(lags.values()) >= delay_s - 1.0, lags  # the fault was seen
     # The segments listed after the fault are as fresh as the first ones were (ffmpeg's program date-time
     # and the clock of the stream differ by a constant: lags are compared, not taken as they are).
-    before = min(lags[name] for name in server.received_of(VIDEO)[:2])
+    before = min(lags[name] for name in server.received_of(AUDIO)[:2])
     assert max(lags[name] for name in after_fault) <= before + 1.0, lags
 
 
-def _video_lags(server: LiveServer) -> dict[str, float]:
-    """Per video segment received: wall time at the server minus the end of the segment (its program
-    date-time plus its duration, as the playlist sent with it says)."""
+def _lags(server: LiveServer, playlist: str) -> dict[str, float]:
+    """Per segment of `playlist` received: wall time at the server minus the end of the segment (its
+    program date-time plus its duration, as the playlist sent with it says)."""
     lags = {}
     for update, answer in server.updates:
-        if answer.status != 204 or update.playlist_name != VIDEO or update.playlist is None:
+        if answer.status != 204 or update.playlist_name != playlist or update.playlist is None:
             continue
         segment = MediaPlaylist.parse(update.playlist).segments[-1]
         tags = dict(tag.split(":", 1) for tag in segment.tags)
@@ -269,7 +273,7 @@ def _video_lags(server: LiveServer) -> dict[str, float]:
 async def test_transient_failures_are_retried_and_no_segment_is_lost(start_runner: StartRunner) -> None:
     """Three updates answered 503, then two connections reset while an update is being sent: each update is
     sent again until it lands; every segment of the stream reaches the server, in order."""
-    async with fake_live(list_size=4, seconds=11, via_proxy=True) as live:
+    async with fake_live(list_size=4, seconds=9, via_proxy=True) as live:
         assert live.proxy is not None
         runner = await start_runner(
             live.instance, **_fast_polling(enabled_job_types=frozenset({JobType.LIVE_RTMP_HLS}))
