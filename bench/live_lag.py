@@ -257,10 +257,9 @@ async def through(folder: Path, duration_s: float, resolutions: str) -> dict[str
 
 
 async def by_hand(folder: Path, duration_s: float, resolutions: str) -> dict[str, Any]:
-    from tuberunner.media.live import LiveRendition, live_command
-
     from tuberunner.media.binaries import find_ffmpeg
     from tuberunner.media.commands import EncodeSettings
+    from tuberunner.media.live import LiveRendition, live_command
     from tuberunner.media.probe import probe
     from tuberunner.media.profiles import compute_output_fps
 
