@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -105,6 +106,19 @@ async def test_failure_carries_ffmpegs_reason(ffmpeg_path: Path, tmp_path: Path)
     assert caught.value.exit_code != 0
     assert "No such file or directory" in str(caught.value)
     assert "missing.mp4" in caught.value.stderr_tail
+
+
+async def test_the_logged_command_line_hides_the_path_of_rtmp_urls(
+    ffmpeg_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A live's input URL carries its stream key or pull secret: the debug line of the command hides it."""
+    caplog.set_level(logging.DEBUG, logger=process_module.__name__)
+    url = "rtmp://127.0.0.1:1/live/a-secret-stream-key"  # nothing listens: ffmpeg fails at once
+    with pytest.raises(FfmpegFailed):
+        await run_ffmpeg(ffmpeg_path, ["-nostdin", "-i", url, "-f", "null", "-"], duration_s=None)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ffmpeg started")]
+    assert "-i rtmp://127.0.0.1:1/… -f null -" in line
+    assert "a-secret-stream-key" not in line
 
 
 async def test_missing_binary_is_unavailable(tmp_path: Path) -> None:

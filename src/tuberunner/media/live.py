@@ -50,6 +50,7 @@ __all__ = [
     "live_command",
     "parse_stream_dump",
     "probe_live",
+    "variant_count",
 ]
 
 MASTER_PLAYLIST = "master.m3u8"

@@ -169,12 +169,21 @@ class _SupervisorCollector:
         info.add_metric([s.version, s.runner_id], 1)
         yield info
         yield GaugeMetricFamily(
-            "tuberunner_runner_slots", "Jobs this runner takes at once", s.config.concurrency
+            "tuberunner_runner_slots", "Jobs this runner takes at once, lives apart", s.config.concurrency
         )
         yield GaugeMetricFamily(
             "tuberunner_runner_slots_busy",
-            "Slots held by running jobs (a result waiting in the outbox holds none)",
-            sum(1 for run in s.jobs.values() if run.holds_slot),
+            "Slots held by running jobs, lives apart (a result waiting in the outbox holds none)",
+            sum(1 for run in s.jobs.values() if run.holds_slot and not run.is_live),
+        )
+        # Lives have slots of their own: counted with the others, a busy runner would look over-committed.
+        yield GaugeMetricFamily(
+            "tuberunner_runner_live_slots", "Lives this runner takes at once", s.config.live_concurrency
+        )
+        yield GaugeMetricFamily(
+            "tuberunner_runner_live_slots_busy",
+            "Live slots held",
+            sum(1 for run in s.jobs.values() if run.holds_slot and run.is_live),
         )
         yield GaugeMetricFamily(
             "tuberunner_runner_draining", "1 while stopping (no new job)", int(s.draining)

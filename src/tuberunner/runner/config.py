@@ -272,7 +272,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "concurrency",
         "concurrency",
         _integer(1, 256),
-        "Jobs processed at once, all instances together.",
+        "Jobs processed at once, all instances together (lives apart: `live_concurrency`).",
     ),
     _Setting(
         "jobs",

@@ -65,10 +65,13 @@ POLL_S = 0.1
 LIVE_LEASE_S = 30.0
 _PROBE_TIMEOUT_S = 20.0
 _RETRY_FIRST_S = 0.25
+# No new segment for 5 segment durations, and for at least this long: the stream has stalled. A module
+# setting, so that a test can shorten it.
+STALL_MIN_S = 20.0
 
 
 def stall_after_s(segment_duration_s: float) -> float:
-    return max(5 * segment_duration_s, 20.0)
+    return max(5 * segment_duration_s, STALL_MIN_S)
 
 
 async def live(ctx: JobContext) -> JobOutput:
