@@ -26,7 +26,7 @@ from tuberunner.runner.client import InstanceClient
 from tuberunner.runner.config import ConfigFile
 from tuberunner.runner.errors import RunnerUnknown
 from tuberunner.runner.paths import RunnerPaths, runner_paths
-from tuberunner.runner.state import DaemonState, PidLock, running_daemon_pid, write_state
+from tuberunner.runner.state import DaemonState, JobStatus, PidLock, running_daemon_pid, write_state
 
 
 @pytest.fixture
@@ -351,3 +351,32 @@ async def test_status_warns_when_the_daemon_stopped_stamping_its_status(
     assert result.exit_code == 0
     assert "it may be stuck" in result.output
     assert json.loads(as_json.output)["stale_s"] >= 600
+
+
+async def test_status_counts_busy_slots_without_waiting_results_and_lives_apart(
+    env: dict[str, str], paths: RunnerPaths
+) -> None:
+    paths.cache_dir.mkdir(parents=True)
+
+    def job(uuid_: str, job_type: JobType, phase: str) -> JobStatus:
+        return JobStatus(uuid_, str(job_type), "http://peertube.example", phase, time.time(), None)
+
+    state = DaemonState(
+        pid=os.getpid(),
+        runner_id="default",
+        version="1.0.0",
+        started_at=time.time(),
+        updated_at=time.time(),
+        concurrency=2,
+        live_concurrency=1,
+        jobs=[
+            job("a", JobType.VOD_WEB_VIDEO, "running"),
+            job("b", JobType.VOD_HLS, "delivering"),  # its result waits: no slot
+            job("c", JobType.LIVE_RTMP_HLS, "running"),
+        ],
+    )
+    write_state(paths.state_file, state)
+    with PidLock(paths.pid_file):
+        result = await cli(env, "status")
+    assert result.exit_code == 0, result.output
+    assert "1/2 slot(s) busy, 1/1 live" in result.output

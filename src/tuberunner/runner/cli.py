@@ -378,7 +378,7 @@ def status(
     mode = "draining (stopping)" if state.draining else "running"
     console.print(
         f"Runner {state.runner_id!r} {mode}: pid {state.pid}, version {state.version}, "
-        f"up {_duration(time.time() - state.started_at)}, {len(state.jobs)}/{state.concurrency} slot(s) busy"
+        f"up {_duration(time.time() - state.started_at)}, {state.slots_line()}"
     )
     if stale is not None:
         console.print(

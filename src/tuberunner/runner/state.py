@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuberunner.protocol.jobs import JobType
 from tuberunner.runner.config import atomic_write
 
 __all__ = [
@@ -69,6 +70,10 @@ class ErrorRecord:
     message: str
 
 
+# Phases of a job that holds a slot (the supervisor's JobPhase values before its result is stored).
+_SLOT_PHASES = frozenset({"accepted", "running", "storing"})
+
+
 @dataclass
 class DaemonState:
     pid: int
@@ -77,6 +82,7 @@ class DaemonState:
     started_at: float
     updated_at: float
     concurrency: int
+    live_concurrency: int = 0
     # How often the daemon stamps `updated_at`: an older stamp means a stuck daemon.
     state_interval_s: float = 2.0
     draining: bool = False
@@ -85,6 +91,15 @@ class DaemonState:
     instances: list[InstanceStatus] = field(default_factory=list)
     jobs: list[JobStatus] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
+
+    def slots_line(self) -> str:
+        """Slots busy: jobs at work (a result waiting for its server holds none), lives apart."""
+        working = [job for job in self.jobs if job.phase in _SLOT_PHASES]
+        lives = sum(1 for job in working if job.type == JobType.LIVE_RTMP_HLS)
+        line = f"{len(working) - lives}/{self.concurrency} slot(s) busy"
+        if self.live_concurrency:
+            line += f", {lives}/{self.live_concurrency} live"
+        return line
 
     def stale_for_s(self, now: float) -> float | None:
         """How long the daemon has missed its stamps (beyond a generous margin), or None."""
@@ -103,6 +118,7 @@ class DaemonState:
             started_at=float(data["started_at"]),
             updated_at=float(data["updated_at"]),
             concurrency=int(data["concurrency"]),
+            live_concurrency=int(data.get("live_concurrency", 0)),
             state_interval_s=float(data.get("state_interval_s", 2.0)),
             draining=bool(data.get("draining", False)),
             endpoint=data.get("endpoint"),

@@ -1146,6 +1146,7 @@ class Supervisor:
             started_at=self.started_at,
             updated_at=time.time(),
             concurrency=self.config.concurrency,
+            live_concurrency=self.config.live_concurrency,
             state_interval_s=self.config.state_interval_s,
             draining=self.draining,
             endpoint=self.endpoint_url,
