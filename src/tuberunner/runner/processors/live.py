@@ -14,9 +14,9 @@ each segment as soon as ffmpeg lists it (spec §7.4).
 * Uploads never block ffmpeg: each rendition's queue holds what ffmpeg listed and the server does not have
   yet. When uploads fall behind (slow or failing server), a segment that leaves ffmpeg's window before it
   could be sent is skipped (deleted, counted, logged): viewers would not be offered it any more, so sending
-  it late only adds lag. The playlists sent after a skip start after it. Transient failures are retried
-  until the segment leaves the window; no update landing for `LIVE_LEASE_S` ends the job (the server has
-  taken it back by then: PeerTube's stalled-live threshold is 30 s).
+  it late only adds lag. Transient failures are retried until the segment leaves the window; no update
+  landing for `LIVE_LEASE_S` ends the job (the server has taken it back by then: PeerTube's stalled-live
+  threshold is 30 s).
 * The stream ends (ffmpeg exits once the stream does): the last segments go out, then `success`. A server
   answering "not in processing state" (PeerTube: "Session of this live ended") stops ffmpeg at once and the
   job ends with `success`, as the official runner does; 404 (job deleted or handed to another runner) stops
@@ -119,8 +119,6 @@ class _Rendition:
     # (mtime_ns, size) of the playlist file when last read.
     seen: tuple[int, int] | None = None
     next_sequence: int = 0
-    # The first sequence the playlists we send may list (after a skipped segment).
-    first_sequence: int = 0
     queue: deque[PlaylistSegment] = field(default_factory=deque)
     removals: deque[str] = field(default_factory=deque)
     # Sent and still in ffmpeg's window: removed (on the server and here) once it leaves.
@@ -195,7 +193,8 @@ class LiveSession:
                 args,
                 duration_s=None,
                 on_progress=on_progress,
-                stall_timeout_s=stall_s,
+                # A backstop: the session's own watchdog (no new segment) fires first, with its message.
+                stall_timeout_s=stall_s + self.segment_duration_s,
                 nice=settings.nice,
                 cwd=self.ctx.work_dir,
             )
@@ -324,10 +323,9 @@ class LiveSession:
         rendition.wake.set()
 
     def _skip(self, rendition: _Rendition, segment: PlaylistSegment) -> None:
-        """`segment` left ffmpeg's window before the server got it: never sent, and the playlists sent from
-        now on start after it."""
+        """`segment` left ffmpeg's window before the server got it: never sent (nor listed by the playlists
+        sent from now on: they list ffmpeg's window)."""
         rendition.queue.remove(segment)
-        rendition.first_sequence = max(rendition.first_sequence, segment.sequence + 1)
         self._drop(rendition, segment.name)
         self.skipped += 1
         self.link.segment_done("skipped", None)
@@ -370,7 +368,7 @@ class LiveSession:
         if playlist is None or segment.name not in rendition.listed:
             self._skip(rendition, segment)
             return
-        text = playlist.up_to(segment.name, first_sequence=rendition.first_sequence)
+        text = playlist.up_to(segment.name)
         playlist_file = self.outgoing / rendition.name
         playlist_file.write_text(text, "utf-8")
         master = self._master_to_send(rendition)
