@@ -353,6 +353,7 @@ async def chaos(run: Run, argv: list[str]) -> int:
         faults = Faults(cluster, limits, run.t0, run.say)
         facts.faults = faults
         deadline = time.monotonic() + args.duration
+        faults.window_end = deadline
         if args.lives:
             options = LiveOptions(channels=args.lives, seconds=args.live_seconds)
             faults.lives = facts.lives = Lives(cluster, options, run.seed, run.t0, run.say, deadline)

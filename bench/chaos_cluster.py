@@ -559,6 +559,7 @@ class RunnerNode:
             }
         )
         self.paths: RunnerPaths = runner_paths(self.runner_id, env=self.env)
+        self.live_slots = settings.live_concurrency
         # Its coordinator first, the others when that one refuses connections.
         home, *others = coordinator_ports
         self.proxy = ChaosProxy("127.0.0.1", home, fallbacks=[("127.0.0.1", p) for p in others])
@@ -630,6 +631,8 @@ class JobView:
     # A live job's segment duration (its payload's `output.segmentDuration`), else None.
     segment_s: float | None = None
     started_at: float | None = None
+    # A live job's session (its private payload's `sessionId`).
+    session: int | None = None
 
     @property
     def is_live(self) -> bool:
@@ -653,6 +656,7 @@ class JobView:
             error=job.get("error"),
             segment_s=float(segment) if isinstance(segment, int | float) else None,
             started_at=parse_time(job.get("startedAt")),
+            session=int(private["sessionId"]) if str(private.get("sessionId", "")).isdigit() else None,
         )
 
 
@@ -683,13 +687,14 @@ class LiveView:
 class RunnerView:
     alive: bool
     state: DaemonState | None
+    live_slots: int = 1
 
-    def full(self, live: bool = False, live_slots: int = 1) -> bool:
+    def full(self, live: bool = False) -> bool:
         """Every VOD slot (or every live slot) taken: a pending job of that kind cannot be its fault."""
         if self.state is None:
             return False
         held = sum(1 for j in self.state.jobs if (j.type == LIVE_JOB) == live)
-        return held >= (live_slots if live else self.state.concurrency)
+        return held >= (self.live_slots if live else self.state.concurrency)
 
     def holds(self, job_uuid: str) -> bool:
         return self.state is not None and any(j.uuid == job_uuid for j in self.state.jobs)
@@ -771,7 +776,7 @@ class Monitor:
         cluster = self.cluster
         snapshot = Snapshot(at=time.time(), coordinator_up=False)
         for node in cluster.runners:
-            snapshot.runners[node.name] = RunnerView(node.alive, node.state())
+            snapshot.runners[node.name] = RunnerView(node.alive, node.state(), node.live_slots)
         snapshot.ffmpeg = ffmpeg_processes()
         try:
             jobs = await cluster.admin.jobs([PROCESSING], deadline_s=0)

@@ -103,6 +103,8 @@ _GROUPS = {
 WATCHDOG_MARGIN_S = 3.0
 # How long a runner may take to notice that its registration is gone (its next call tells it).
 NOTICE_LIMIT_S = 20.0
+# How long after the end of the fault window a fault may still wait for its target.
+TARGET_GRACE_S = 5.0
 # How long a live job's ffmpeg may outlive the admin's cancel (the take-back is pushed on the socket; the
 # live tests ask for a second on a quiet machine).
 LIVE_CANCEL_LIMIT_S = 3.0
@@ -223,6 +225,8 @@ class Faults:
         # that the fault's span overlaps may end with an error): video uuid -> the faults.
         self.lives: Lives | None = None
         self.touched_lives: dict[str, list[FaultRecord]] = {}
+        # The end of the fault window (monotonic), once the run knows it.
+        self.window_end: float | None = None
         self._freed = asyncio.Event()
         self._impls: dict[str, Callable[[random.Random, FaultRecord], Awaitable[list[Condition]]]] = {
             "runner-kill": self._runner_kill,
@@ -301,9 +305,14 @@ class Faults:
         pick: Callable[[], list[str]],
         wait_s: float | None = None,
     ) -> str:
-        """A target no other fault holds, chosen by `rng` among `pick()`; waits for one a bounded time."""
+        """A target no other fault holds, chosen by `rng` among `pick()`; waits for one a bounded time, and
+        no later than `TARGET_GRACE_S` after the end of the fault window (the work is winding down then: a
+        long wait would only lengthen the run)."""
         wait_s = self.limits.target_wait_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
+        if self.window_end is not None:
+            deadline = min(deadline, max(self.window_end + TARGET_GRACE_S, time.monotonic()))
+            wait_s = round(deadline - time.monotonic())
         while True:
             free = sorted(t for t in pick() if t not in self.busy)
             if free:
@@ -404,15 +413,15 @@ class Faults:
 
         return served
 
-    def _live_over(self, video_uuid: str, session: int, job_uuid: str | None) -> Condition:
-        """The live left the `live` state of `session` (ended, waiting, or a new session) and `job_uuid`
-        is final or gone."""
+    def _live_over(self, video_uuid: str, session: int | None, job_uuid: str | None) -> Condition:
+        """The live left the `live` state of `session` (ended, waiting, or a new session; any session when
+        None) and `job_uuid` is final or gone."""
 
         def over(s: Snapshot) -> bool:
             if not s.coordinator_up or video_uuid not in s.lives:
                 return False
             live = s.lives[video_uuid]
-            if live is not None and live.state == "live" and live.session == session:
+            if live is not None and live.state == "live" and session in (None, live.session):
                 return False
             if job_uuid is None:
                 return True
@@ -658,8 +667,7 @@ class Faults:
 
         video_uuid = await self._claim(rng, record, "live being published", candidates, wait_s=30.0)
         publication = next((p for p in lives.publishing() if p.live.video_uuid == video_uuid), None)
-        live = self.cluster.monitor.latest.lives.get(video_uuid)
-        if publication is None or live is None:
+        if publication is None:
             raise Skip(f"the publication of live {video_uuid[:8]} ended before the drop")
         job = self._live_job_of(video_uuid)
         holder = self._claim_holder(record, job)
@@ -677,12 +685,11 @@ class Faults:
         since = self._heal(record)
         if not transcoding:
             self._touch_live(video_uuid, record)
-        session = live.session
         job_uuid = job.uuid if job is not None else None
 
         def verdict(s: Snapshot) -> None:
             after = s.lives.get(video_uuid)
-            ended = _live_end(after, session)
+            ended = _live_end(after)
             record.note = f"live {ended}"
             others = [
                 r for r in self.touched(video_uuid, record.started_wall, time.time()) if r is not record
@@ -703,7 +710,9 @@ class Faults:
 
         record.verdicts.append(verdict)
         record.lives = [video_uuid]
-        conditions = [self._live_over(video_uuid, session, job_uuid)]
+        # Whatever its session (a snapshot may predate the publisher's connection): a dropped publisher
+        # does not come back, and its channel publishes again only once it saw the live leave `live`.
+        conditions = [self._live_over(video_uuid, None, job_uuid)]
         if holder is not None and job_uuid is not None:
             conditions.append(self._released(holder, job_uuid, since))
         return conditions
@@ -733,8 +742,7 @@ class Faults:
         if job is None or job.video_uuid is None:
             raise Skip(f"live job {job_uuid[:8]} ended before the cancel")
         video_uuid = job.video_uuid
-        live = monitor.latest.lives.get(video_uuid)
-        session = live.session if live is not None else None
+        session = job.session
         self.busy.add(video_uuid)
         record.claims.add(video_uuid)
         holder = self._claim_holder(record, job)
@@ -755,9 +763,6 @@ class Faults:
         self.cancelled_jobs.add(job_uuid)
         self._touch_live(video_uuid, record)  # its session ends with the cancel as its error
         since = self._heal(record)
-        if session is None:
-            known = await self.cluster.admin.live(video_uuid)
-            session = int((known or {}).get("session") or 0)
 
         def verdict(s: Snapshot) -> None:
             gone = [w.result() - asked for w in watches if w.done()]

@@ -118,6 +118,25 @@ class Publication:
         kind = "permanent live" if self.live.permanent else "live"
         return f"publication {self.number} ({kind} {self.live.video_uuid[:8]}, {self.planned_s:.0f} s)"
 
+    def as_json(self) -> dict[str, Any]:
+        viewer = self.viewer
+        return {
+            "number": self.number,
+            "videoUuid": self.live.video_uuid,
+            "permanent": self.live.permanent,
+            "ladder": self.live.ladder,
+            "plannedS": round(self.planned_s, 1),
+            "startedAtS": round(self.started_at, 3),
+            "how": self.how,
+            "attempts": self.attempts,
+            "session": self.session,
+            "endState": self.end_state,
+            "endError": self.end_error,
+            "endedAfterS": None if self.ended_after_s is None else round(self.ended_after_s, 3),
+            "segmentsSeen": viewer.segment_count() if viewer is not None else 0,
+            "viewerProblems": (viewer.problems + viewer.gaps()) if viewer is not None else [],
+        }
+
 
 class Viewer:
     """Reads a live's HLS every `VIEW_PERIOD_S` as a player does: the master, each media playlist, and
@@ -180,14 +199,13 @@ class Viewer:
     def keep(self, read: _Read) -> None:
         """Record a read made within one session."""
         self.fetched |= read.fetched
-        self.problems += [f"session {read.session}: {p}" for p in read.problems]
+        found = [f"session {read.session}: {p}" for p in read.problems]
         for name, number, segment in read.listed:
             known = self.segments.setdefault((read.session, name), {})
             before = known.setdefault(number, segment)
             if before != segment:
-                self.problems.append(
-                    f"session {read.session}: {name} sequence {number} named {before}, then {segment}"
-                )
+                found.append(f"session {read.session}: {name} number {number} named {before}, then {segment}")
+        self.problems += [p for p in found if p not in self.problems]  # a problem seen at every read, once
 
     def gaps(self) -> list[str]:
         found = []
@@ -239,6 +257,9 @@ class Lives:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [p.as_json() for p in self.publications]
 
     def publishing(self) -> list[Publication]:
         """Publications whose publisher runs now."""

@@ -150,6 +150,7 @@ class RunFacts:
                 {"uuid": v["uuid"], "name": v["name"], "state": v["state"], "jobs": v["jobs"]["byState"]}
                 for v in self.videos
             ],
+            "lives": self.lives.as_json() if self.lives is not None else [],
             "notes": self.notes,
         }
 
