@@ -53,6 +53,8 @@ __all__ = ["LiveOptions", "Lives", "Publication", "check_lives", "live_job_probl
 MIN_PUBLICATION_S = 6.0
 # Publications end this long before the end of the fault window, so that the settle finds them over.
 END_MARGIN_S = 2.0
+# A publisher that exits this close to its planned end has ended (whatever its exit code).
+PLANNED_END_SLACK_S = 1.0
 # A publisher whose connection broke publishes again after this pause (OBS waits a few seconds).
 REPUBLISH_PAUSE_S = 1.0
 # How long a live may stay `live` after its publisher stopped: the reconnect grace (10 s), or a lost
@@ -395,7 +397,9 @@ class Lives:
             if publication.dropped:
                 publication.how = "dropped"
                 return
-            if code == 0:
+            if code == 0 or time.monotonic() >= end_at - PLANNED_END_SLACK_S:
+                # ffmpeg may exit with an error at its planned end too, when the server closes the
+                # connection on the publisher's goodbye before ffmpeg is done closing it.
                 publication.how = "ended"
                 return
             if end_at - time.monotonic() < REPUBLISH_PAUSE_S + MIN_PUBLICATION_S / 2:
