@@ -149,7 +149,9 @@ class FaultRecord:
     claims: set[str] = field(default_factory=set)
     started_wall: float = 0.0
     healed_wall: float = 0.0
-    # Lives the fault watches until the system works again (the monitor reads them).
+    # Lives whose job the fault hit (they must be served again), and other lives it watches until the
+    # system works again (the monitor reads them all).
+    hit_lives: list[str] = field(default_factory=list)
     lives: list[str] = field(default_factory=list)
     # Judgements made once the system is working again (they may add anomalies or a note).
     verdicts: list[Callable[[Snapshot], None]] = field(default_factory=list)
@@ -258,9 +260,8 @@ class Faults:
         rng = random.Random(seed)
         try:
             conditions = await self._impls[kind](rng, record)
-            hit_lives = self._lives_hit(record)
-            conditions += [self._live_served(uuid, record.healed_wall) for uuid in hit_lives]
-            watched = sorted(set(hit_lives) | set(record.lives))
+            conditions += [self._live_served(uuid, record.healed_wall) for uuid in record.hit_lives]
+            watched = sorted(set(record.hit_lives) | set(record.lives))
             monitor = self.cluster.monitor
             monitor.track(record.affected_jobs)
             monitor.track_lives(watched)
@@ -287,9 +288,10 @@ class Faults:
         return record
 
     def _inject(self, record: FaultRecord) -> None:
-        """The fault starts now."""
+        """The fault starts now (its target and the jobs it hits are known)."""
         record.started_at = self.now()
         record.started_wall = time.time()
+        record.hit_lives = self._lives_hit(record)
 
     def _heal(self, record: FaultRecord) -> float:
         """The fault ends now: the wall time from which recovery is measured."""
@@ -730,8 +732,11 @@ class Faults:
         def candidates() -> list[str]:
             if lives.over:
                 raise Skip("no live is published any more (the end of the run is near)")
+            # Not on a runner another fault holds: the cancel's expectations need a runner that works.
             found = [
-                j for j in monitor.latest.processing.values() if j.is_live and j.video_uuid not in self.busy
+                j
+                for j in monitor.latest.processing.values()
+                if j.is_live and j.video_uuid not in self.busy and j.runner not in self.busy
             ]
             if want_ffmpeg and time.monotonic() < until:
                 found = [j for j in found if self._transcoding(j)]
@@ -766,7 +771,11 @@ class Faults:
 
         def verdict(s: Snapshot) -> None:
             gone = [w.result() - asked for w in watches if w.done()]
-            if len(gone) < len(watches) or any(t > LIVE_CANCEL_LIMIT_S for t in gone):
+            spanned = self.touched(video_uuid, record.started_wall, time.time())
+            others = [r for r in spanned if r is not record]
+            if others:  # another fault (a SIGSTOP of that ffmpeg, say) had a hand in it
+                record.note = f"also hit by #{', #'.join(str(r.number) for r in others)}"
+            elif len(gone) < len(watches) or any(t > LIVE_CANCEL_LIMIT_S for t in gone):
                 late = "still running" if len(gone) < len(watches) else f"gone {max(gone):.1f} s after it"
                 record.anomalies.append(
                     f"the runner's ffmpeg was {late} (limit {LIVE_CANCEL_LIMIT_S:g} s after the cancel)"
@@ -775,8 +784,14 @@ class Faults:
             if final is not None and final.state != CANCELLED:
                 record.anomalies.append(f"the job ended {_state_name(final.state)}, not cancelled")
             after = s.lives.get(video_uuid)
-            record.note = f"live {_live_end(after, session)}" + (
-                f", ffmpeg gone {max(gone):.1f} s after the cancel" if gone else ", no ffmpeg seen"
+            record.note = "; ".join(
+                n
+                for n in (
+                    f"live {_live_end(after, session)}",
+                    f"ffmpeg gone {max(gone):.1f} s after the cancel" if gone else "no ffmpeg seen",
+                    record.note,
+                )
+                if n
             )
 
         record.verdicts.append(verdict)
