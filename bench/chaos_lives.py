@@ -137,6 +137,7 @@ class Publication:
             "endedAfterS": None if self.ended_after_s is None else round(self.ended_after_s, 3),
             "segmentsSeen": viewer.segment_count() if viewer is not None else 0,
             "viewerProblems": (viewer.problems + viewer.gaps()) if viewer is not None else [],
+            "viewerBrokenAnswers": viewer.broken if viewer is not None else [],
         }
 
 
@@ -147,14 +148,18 @@ class Viewer:
     playlists must carry their end tag. A read is kept only when the live's session was the same before
     and after it (a new session of a permanent live starts its HLS afresh)."""
 
-    def __init__(self, http: httpx.AsyncClient, hls_url: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, hls_url: str, t0: float) -> None:
         self.http = http
         self.hls_url = hls_url
         self.base = hls_url.rsplit("/", 1)[0]
+        self.t0 = t0
         # (session, playlist) -> sequence number -> segment name
         self.segments: dict[tuple[int, str], dict[int, str]] = {}
         self.fetched: set[str] = set()
         self.problems: list[str] = []
+        # Answers that broke off (a coordinator killed then, or a file replaced while it was served): a
+        # player reads again; listed in a note.
+        self.broken: list[str] = []
 
     async def look(self, session: int, *, final: bool) -> _Read | None:
         """One read of every playlist; None when nothing could be read (not yet, or the coordinator is
@@ -172,6 +177,9 @@ class Viewer:
             names |= set(re.findall(r'URI="([^"]+\.m3u8)"', master.text))
             for name in sorted(names):
                 await self._read(read, name, final=final)
+        except httpx.RemoteProtocolError as exc:
+            self.broken.append(f"at {time.monotonic() - self.t0:.1f} s: {exc}")
+            return None
         except httpx.HTTPError:
             return None
         return read
@@ -339,7 +347,7 @@ class Lives:
         record = publication.live
         monitor = self.cluster.monitor
         monitor.track_lives([record.video_uuid])
-        publication.viewer = viewer = Viewer(http, record.hls_url)
+        publication.viewer = viewer = Viewer(http, record.hls_url, self.t0)
         watching = asyncio.create_task(self._watch(publication, viewer), name=f"viewer {publication.number}")
         self.say(f"{publication.describe()} starts ({record.ladder}p asked)")
         try:
@@ -551,6 +559,12 @@ def check_lives(facts: RunFacts, jobs: list[dict[str, Any]], videos: list[dict[s
         hls,
         f"{segments} segment(s) listed and fetched by the viewers",
     )
+    broken = [b for p in lives.publications if p.viewer is not None for b in p.viewer.broken]
+    if broken:
+        facts.notes.append(
+            f"{len(broken)} live HLS answer(s) broke off (a coordinator killed then, or a playlist replaced "
+            "while it was served): " + "; ".join(broken[:10])
+        )
     touched = faults.touched_lives if faults else {}
     if touched:
         facts.notes.append(
