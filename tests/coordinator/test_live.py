@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -28,6 +29,7 @@ from tests.support.live import (
 from tests.support.protocol import RUNNERS, admin_headers, register_runner
 from tests.support.servers import RunningCoordinator, serve_coordinator
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.live_files import write_atomically
 from tuberunner.media.binaries import find_ffmpeg
 from tuberunner.protocol.jobs import JobType
 
@@ -297,6 +299,41 @@ async def test_a_job_failing_after_its_publisher_dropped_is_one_failure_and_the_
     assert [(j["state"]["label"], j["error"]) for j in ended["jobs"]["list"]] == [
         ("Errored", "Cannot read the live stream: no publisher")
     ]
+
+
+async def test_a_playlist_rewritten_while_viewers_read_it_is_always_served_whole(
+    live_coordinator: RunningCoordinator, client: httpx.AsyncClient
+) -> None:
+    """A media playlist is replaced (renamed over) at every segment while players read it: every answer is
+    one whole version of it (its length announced and its body taken from the same file), never one that
+    breaks off because the file changed between the two."""
+    created = await create_live(client, resolutions="240")
+    video_uuid = created["video"]["uuid"]
+    folder = live_coordinator.coordinator.live.files.folder(video_uuid)
+    folder.mkdir(parents=True, exist_ok=True)
+    versions = [
+        "#EXTM3U\n#EXT-X-TARGETDURATION:4\n" + "".join(f"#EXTINF:4.0,\n1-0-{i:06d}.ts\n" for i in range(n))
+        for n in range(1, 8)
+    ]
+    write_atomically(folder / "0.m3u8", versions[0].encode())
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            for version in versions:
+                write_atomically(folder / "0.m3u8", version.encode())
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    url = created["live"]["hlsUrl"].rsplit("/", 1)[0] + "/0.m3u8"
+    try:
+        answers = [await client.get(url) for _ in range(300)]
+    finally:
+        stop.set()
+        writer.join()
+    assert {a.status_code for a in answers} == {200}
+    assert {a.text for a in answers} <= set(versions)
+    assert all(a.headers["cache-control"] == "no-cache" for a in answers)
 
 
 @_SQLITE

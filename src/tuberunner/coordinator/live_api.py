@@ -87,7 +87,17 @@ def live_file_response(c: Coordinator, video_uuid: str, filename: str, request: 
     path = c.live.files.servable(video_uuid, filename)
     if path is None:
         raise NotFound("File not found")
-    response = FileResponse(path, media_type=media_type_for(path.name))
+    response: Response
+    if path.suffix == ".m3u8":
+        # A playlist is renamed over at every segment: read whole (it is small), its length and its body
+        # come from one version. A file response would take them from two when a rename falls between.
+        try:
+            body = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound("File not found") from None
+        response = Response(body, media_type=media_type_for(path.name))
+    else:
+        response = FileResponse(path, media_type=media_type_for(path.name))
     response.headers["access-control-allow-origin"] = "*"
     response.headers["cache-control"] = PLAYLIST_CACHE if path.suffix == ".m3u8" else SEGMENT_CACHE
     return response
