@@ -4,6 +4,7 @@ real faults hit them at random moments; then the invariants are checked and prin
     python bench/chaos.py                                   # 10 minutes, 4 runners, 20 videos, every fault
     python bench/chaos.py --duration 60 --runners 2 --videos 4 --seed 7 --json chaos.json
     python bench/chaos.py --faults runner-kill,partition --seed 1234      # a menu; replay a seed
+    python bench/chaos.py --duration 60 --runners 2 --lives 2 --faults live,runner-kill   # lives
 
 Exit codes: 0 every invariant holds; 1 an invariant failed (the seed and the command that replays it are
 printed); 2 the run could not be set up; 130 interrupted. See docs/chaos.md for the faults, the options and
@@ -34,7 +35,15 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 from chaos_cluster import Cluster, RunnerSettings, SetupError, Snapshot  # noqa: E402
-from chaos_faults import FAULT_KINDS, SHARED_FAULT_KINDS, ChaosLimits, Faults, parse_menu  # noqa: E402
+from chaos_faults import (  # noqa: E402
+    FAULT_KINDS,
+    LIVE_FAULT_KINDS,
+    SHARED_FAULT_KINDS,
+    ChaosLimits,
+    Faults,
+    parse_menu,
+)
+from chaos_lives import LiveOptions, Lives  # noqa: E402
 from chaos_report import RunFacts, Submission, check_invariants, fault_stats, print_report  # noqa: E402
 from tuberunner.coordinator import ingest_client  # noqa: E402
 from tuberunner.media.binaries import find_ffmpeg  # noqa: E402
@@ -96,6 +105,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "PostgreSQL, Redis and moto's S3 server, with their faults added to the default menu)",
     )
     parser.add_argument("--videos", type=int, default=20, help="videos submitted, M (20)")
+    parser.add_argument(
+        "--lives",
+        type=int,
+        default=None,
+        help="lives published at once, one after the other, during the run (1; 0 with several "
+        "coordinators: lives need the one process that serves RTMP)",
+    )
+    parser.add_argument(
+        "--live-seconds",
+        type=_range,
+        default=(12.0, 30.0),
+        help="MIN,MAX seconds of each publication (12,30)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="RNG seed (default: a random one, printed)")
     parser.add_argument(
         "--faults",
@@ -103,8 +125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="fault menu: 'all' or a comma list of "
         + ", ".join(FAULT_KINDS + SHARED_FAULT_KINDS)
-        + ", or the groups 'partition', 'job', 'shared' and 'scale-out' (default: all, and the shared "
-        "services' faults with several coordinators)",
+        + ", or the groups 'partition', 'job', 'live', 'shared' and 'scale-out' (default: all, and the "
+        "shared services' faults with several coordinators; without lives, none of the live faults)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the whole report as JSON here")
     parser.add_argument(
@@ -131,8 +153,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.runners, args.videos, args.concurrency, args.max_concurrent, args.coordinators) < 1:
         parser.error("--runners, --videos, --concurrency, --max-concurrent, --coordinators: at least 1")
+    if args.lives is None:
+        args.lives = 1 if args.coordinators == 1 else 0
+    if args.lives < 0 or (args.lives and args.coordinators > 1):
+        parser.error("--lives: 0 or more, and 0 with several coordinators (lives need one RTMP process)")
     if args.faults is None:
         args.faults = FAULT_KINDS + (SHARED_FAULT_KINDS if args.coordinators > 1 else ())
+        if not args.lives:
+            args.faults = tuple(k for k in args.faults if k not in LIVE_FAULT_KINDS)
     if not 0 < args.submit_window <= 1:
         parser.error("--submit-window is a share of the run, in (0, 1]")
     return args
@@ -312,6 +340,7 @@ async def chaos(run: Run, argv: list[str]) -> int:
         settings=settings,
         tmpfs_mb=args.tmpfs_mb,
         coordinators=args.coordinators,
+        lives=args.lives > 0,
     )
     limits = ChaosLimits(lease_s=args.lease, stall_s=args.stall, recovery_limit_s=args.recovery_limit)
     facts = RunFacts(seed=run.seed, root=run.root, limits=limits, menu=args.faults)
@@ -324,10 +353,16 @@ async def chaos(run: Run, argv: list[str]) -> int:
         faults = Faults(cluster, limits, run.t0, run.say)
         facts.faults = faults
         deadline = time.monotonic() + args.duration
+        faults.window_end = deadline
+        if args.lives:
+            options = LiveOptions(channels=args.lives, seconds=args.live_seconds)
+            faults.lives = facts.lives = Lives(cluster, options, run.seed, run.t0, run.say, deadline)
         run.say(f"chaos for {args.duration:g} s: {', '.join(args.faults)}")
         async with asyncio.TaskGroup() as tg:
             submitting = tg.create_task(submit_videos(run, cluster, clips, deadline))
             tg.create_task(inject_faults(run, faults, deadline))
+            if facts.lives is not None:
+                tg.create_task(facts.lives.run())
         facts.submissions = submitting.result()
         run.say(
             f"settling (at most {args.settle:g} s): waiting for every job to end and every runner to idle"

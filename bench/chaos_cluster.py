@@ -51,6 +51,7 @@ __all__ = [
     "COMPLETING",
     "ERRORED",
     "FINAL_STATES",
+    "LIVE_JOB",
     "PARENT_CANCELLED",
     "PARENT_ERRORED",
     "PENDING",
@@ -65,6 +66,7 @@ __all__ = [
     "CoordinatorNode",
     "FfmpegProcess",
     "JobView",
+    "LiveView",
     "Monitor",
     "RunnerNode",
     "RunnerSettings",
@@ -86,6 +88,7 @@ PENDING, PROCESSING, COMPLETED, ERRORED, WAITING, CANCELLED, PARENT_ERRORED, PAR
     range(1, 10)
 )
 FINAL_STATES = frozenset({COMPLETED, ERRORED, CANCELLED, PARENT_ERRORED, PARENT_CANCELLED})
+LIVE_JOB = "live-rtmp-hls-transcoding"
 UNFINISHED_STATES = (PENDING, PROCESSING, WAITING, COMPLETING)
 TMPFS_SOURCE = "tuberunner-chaos"
 
@@ -120,11 +123,14 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 class Child:
     """One child process in its own session, its output appended to a log file."""
 
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None
+    ) -> None:
         self.name = name
         self.args = args
         self.env = dict(env)
         self.log_path = log_path
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -137,6 +143,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=self.cwd,
             )
 
     @property
@@ -271,6 +278,26 @@ class Admin:
         body: dict[str, Any] = await self.json(f"/api/v1/videos/{ident}")
         return body
 
+    async def create_live(self, name: str, resolutions: str, *, permanent: bool) -> dict[str, Any]:
+        """`POST /api/v1/videos/live`: {"video": {"id", "uuid"}, "live": {...}}."""
+        answer = await self.call(
+            "POST",
+            "/api/v1/videos/live",
+            json={"name": name, "resolutions": resolutions, "permanentLive": permanent},
+        )
+        answer.raise_for_status()
+        created: dict[str, Any] = answer.json()
+        return created
+
+    async def live(self, video_uuid: str, **kwargs: Any) -> dict[str, Any] | None:
+        """The `live` object of a live video (state, session, jobUuid, ...); None when it is gone."""
+        answer = await self.call("GET", f"/api/v1/videos/live/{video_uuid}", **kwargs)
+        if answer.status_code == 404:
+            return None
+        answer.raise_for_status()
+        found: dict[str, Any] = answer.json()
+        return found
+
     async def _all(self, path: str, params: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         while True:
@@ -399,6 +426,7 @@ class CoordinatorNode:
         admin_token: str,
         name: str = "coordinator",
         shared: SharedServices | None = None,
+        rtmp: bool = False,
     ) -> None:
         self.root = root
         self.name = name
@@ -408,6 +436,8 @@ class CoordinatorNode:
         self.shared = shared
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The RTMP server for lives (0: off); the same port after each restart, as publishers expect.
+        self.rtmp_port = free_port() if rtmp else 0
         self.incarnation = 0
         self.child: Child | None = None
 
@@ -434,7 +464,7 @@ class CoordinatorNode:
             "--lease",
             f"{self.lease_s:g}",
             "--rtmp-port",
-            "0",
+            str(self.rtmp_port),
         ]
         extra_env: dict[str, str] = {"TUBERUNNER_ADMIN_TOKEN": self.admin_token}
         if self.shared is not None:
@@ -481,10 +511,13 @@ class RunnerSettings:
     ffmpeg_nice: int
     min_free_disk_bytes: int
     input_cache_bytes: int
+    # Live slots, apart from the VOD ones (`[jobs] live_concurrency`).
+    live_concurrency: int = 1
 
     def env(self) -> dict[str, str]:
         return {
             "TUBERUNNER_JOBS_CONCURRENCY": str(self.concurrency),
+            "TUBERUNNER_JOBS_LIVE_CONCURRENCY": str(self.live_concurrency),
             "TUBERUNNER_JOBS_UPDATE_INTERVAL_S": "0.5",
             "TUBERUNNER_JOBS_LEASE_S": f"{self.lease_s:g}",
             "TUBERUNNER_JOBS_SHUTDOWN_GRACE_S": "1",
@@ -526,6 +559,7 @@ class RunnerNode:
             }
         )
         self.paths: RunnerPaths = runner_paths(self.runner_id, env=self.env)
+        self.live_slots = settings.live_concurrency
         # Its coordinator first, the others when that one refuses connections.
         home, *others = coordinator_ports
         self.proxy = ChaosProxy("127.0.0.1", home, fallbacks=[("127.0.0.1", p) for p in others])
@@ -594,11 +628,22 @@ class JobView:
     video_uuid: str | None
     failures: int
     error: str | None
+    # A live job's segment duration (its payload's `output.segmentDuration`), else None.
+    segment_s: float | None = None
+    started_at: float | None = None
+    # A live job's session (its private payload's `sessionId`).
+    session: int | None = None
+
+    @property
+    def is_live(self) -> bool:
+        return self.type == LIVE_JOB
 
     @classmethod
     def of(cls, job: dict[str, Any]) -> JobView:
         runner = job.get("runner") or {}
         private = job.get("privatePayload") or {}
+        output = (job.get("payload") or {}).get("output") or {}
+        segment = output.get("segmentDuration") if job["type"] == LIVE_JOB else None
         return cls(
             uuid=job["uuid"],
             type=job["type"],
@@ -609,6 +654,32 @@ class JobView:
             video_uuid=private.get("videoUUID"),
             failures=int(job.get("failures") or 0),
             error=job.get("error"),
+            segment_s=float(segment) if isinstance(segment, int | float) else None,
+            started_at=parse_time(job.get("startedAt")),
+            session=int(private["sessionId"]) if str(private.get("sessionId", "")).isdigit() else None,
+        )
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """A live as `GET /api/v1/videos/live/{uuid}` shows it."""
+
+    video_uuid: str
+    state: str  # waiting, live, ended
+    session: int
+    job_uuid: str | None
+    publisher_connected: bool
+    error: str | None
+
+    @classmethod
+    def of(cls, video_uuid: str, live: dict[str, Any]) -> LiveView:
+        return cls(
+            video_uuid=video_uuid,
+            state=str(live["state"]),
+            session=int(live.get("session") or 0),
+            job_uuid=live.get("jobUuid"),
+            publisher_connected=bool(live.get("publisherConnected")),
+            error=live.get("error"),
         )
 
 
@@ -616,11 +687,14 @@ class JobView:
 class RunnerView:
     alive: bool
     state: DaemonState | None
+    live_slots: int = 1
 
-    @property
-    def full(self) -> bool:
-        """Every slot taken (or not taking work at all): a pending job cannot be its fault."""
-        return self.state is not None and len(self.state.jobs) >= self.state.concurrency
+    def full(self, live: bool = False) -> bool:
+        """Every VOD slot (or every live slot) taken: a pending job of that kind cannot be its fault."""
+        if self.state is None:
+            return False
+        held = sum(1 for j in self.state.jobs if (j.type == LIVE_JOB) == live)
+        return held >= (self.live_slots if live else self.state.concurrency)
 
     def holds(self, job_uuid: str) -> bool:
         return self.state is not None and any(j.uuid == job_uuid for j in self.state.jobs)
@@ -649,9 +723,12 @@ class Snapshot:
     unfinished: int | None = None
     runners: dict[str, RunnerView] = field(default_factory=dict)
     ffmpeg: list[FfmpegProcess] = field(default_factory=list)
+    # Lives a fault watches (None: the live is gone), and the current job of each (None: deleted).
+    lives: dict[str, LiveView | None] = field(default_factory=dict)
+    live_jobs: dict[str, JobView | None] = field(default_factory=dict)
 
     def job(self, job_uuid: str) -> JobView | None:
-        return self.processing.get(job_uuid) or self.tracked.get(job_uuid)
+        return self.processing.get(job_uuid) or self.tracked.get(job_uuid) or self.live_jobs.get(job_uuid)
 
 
 class Monitor:
@@ -664,19 +741,23 @@ class Monitor:
         self.interval_s = interval_s
         self.latest = Snapshot(at=0.0, coordinator_up=False)
         self._tracked: dict[str, int] = {}
+        self._tracked_lives: dict[str, int] = {}
+        # Every live job seen processing, and its live (video uuid): a fault that hit one knows its live
+        # even once the job is gone.
+        self.live_of_job: dict[str, str] = {}
         self._new = asyncio.Condition()
 
     def track(self, job_uuids: Iterable[str]) -> None:
-        for job_uuid in job_uuids:
-            self._tracked[job_uuid] = self._tracked.get(job_uuid, 0) + 1
+        _count_in(self._tracked, job_uuids)
 
     def untrack(self, job_uuids: Iterable[str]) -> None:
-        for job_uuid in job_uuids:
-            left = self._tracked.get(job_uuid, 0) - 1
-            if left <= 0:
-                self._tracked.pop(job_uuid, None)
-            else:
-                self._tracked[job_uuid] = left
+        _count_out(self._tracked, job_uuids)
+
+    def track_lives(self, video_uuids: Iterable[str]) -> None:
+        _count_in(self._tracked_lives, video_uuids)
+
+    def untrack_lives(self, video_uuids: Iterable[str]) -> None:
+        _count_out(self._tracked_lives, video_uuids)
 
     async def run(self) -> None:
         while True:
@@ -695,15 +776,28 @@ class Monitor:
         cluster = self.cluster
         snapshot = Snapshot(at=time.time(), coordinator_up=False)
         for node in cluster.runners:
-            snapshot.runners[node.name] = RunnerView(node.alive, node.state())
+            snapshot.runners[node.name] = RunnerView(node.alive, node.state(), node.live_slots)
         snapshot.ffmpeg = ffmpeg_processes()
         try:
             jobs = await cluster.admin.jobs([PROCESSING], deadline_s=0)
             snapshot.processing = {j["uuid"]: JobView.of(j) for j in jobs}
+            for view in snapshot.processing.values():
+                if view.is_live and view.video_uuid:
+                    self.live_of_job[view.uuid] = view.video_uuid
             snapshot.unfinished = await cluster.admin.count_jobs(UNFINISHED_STATES, deadline_s=0)
             for job_uuid in list(self._tracked):
                 found = await cluster.admin.job(job_uuid, deadline_s=0)
                 snapshot.tracked[job_uuid] = JobView.of(found) if found else None
+            for video_uuid in list(self._tracked_lives):
+                live = await cluster.admin.live(video_uuid, deadline_s=0)
+                live_view = LiveView.of(video_uuid, live) if live else None
+                snapshot.lives[video_uuid] = live_view
+                if live_view is not None and live_view.job_uuid is not None:
+                    current = snapshot.job(live_view.job_uuid)
+                    if current is None:
+                        found = await cluster.admin.job(live_view.job_uuid, deadline_s=0)
+                        current = JobView.of(found) if found else None
+                    snapshot.live_jobs[live_view.job_uuid] = current
             snapshot.coordinator_up = True
         except (httpx.HTTPError, KeyError, ValueError):
             snapshot.coordinator_up = False
@@ -721,6 +815,20 @@ class Monitor:
                         return self.latest
         except TimeoutError:
             return None
+
+
+def _count_in(counts: dict[str, int], keys: Iterable[str]) -> None:
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+
+
+def _count_out(counts: dict[str, int], keys: Iterable[str]) -> None:
+    for key in keys:
+        left = counts.get(key, 0) - 1
+        if left <= 0:
+            counts.pop(key, None)
+        else:
+            counts[key] = left
 
 
 # ------------------------------------------------------------------------------------------ cluster
@@ -842,12 +950,14 @@ class Cluster:
         settings: RunnerSettings,
         tmpfs_mb: int,
         coordinators: int = 1,
+        lives: bool = False,
     ) -> None:
         self.root = root
         self.admin_token = admin_token
         self.shared = SharedServices(root) if coordinators > 1 else None
+        # Lives need the one process that serves RTMP (docs/scale-out.md): only with one coordinator.
         self.coordinators = [
-            CoordinatorNode(root, lease_s=lease_s, admin_token=admin_token)
+            CoordinatorNode(root, lease_s=lease_s, admin_token=admin_token, rtmp=lives)
             if coordinators == 1
             else CoordinatorNode(
                 root, lease_s=lease_s, admin_token=admin_token, name=f"coordinator-{c}", shared=self.shared

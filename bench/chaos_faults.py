@@ -14,7 +14,11 @@ system is working again. The time from the end of the fault (the heal) to that m
   whatever runner holds it now), or it is final (completed, errored, cancelled) or gone (deleted) — or it
   waits in `pending` while every live runner's slots are busy (queueing is not a fault's doing);
 * for a job cancelled or deleted by the admin: the runner that held it has let it go (no longer lists it,
-  its ffmpeg is gone).
+  its ffmpeg is gone);
+* for a live whose job the fault hit: the live is served again (its current job took an update after the
+  heal) or it is over (not `live` any more);
+* for the live faults (`publisher-drop`, `live-cancel`): the live left the `live` state, its job is final,
+  and the runner that held it has let it go.
 
 A fault that is not followed by "working again" within the recovery limit is reported as not recovered
 (an invariant failure).
@@ -31,25 +35,34 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.support.tcp_proxy import Plan
 
 from chaos_cluster import (
+    CANCELLED,
+    COMPLETED,
     FINAL_STATES,
     PENDING,
     PROCESSING,
     WAITING,
     Cluster,
     FfmpegProcess,
+    JobView,
+    LiveView,
     RunnerNode,
     Snapshot,
     reset_plans,
     run_cli,
 )
+from tuberunner.runner.processors.live import stall_after_s
+
+if TYPE_CHECKING:
+    from chaos_lives import Lives
 
 __all__ = [
     "FAULT_KINDS",
+    "LIVE_FAULT_KINDS",
     "SHARED_FAULT_KINDS",
     "ChaosLimits",
     "FaultRecord",
@@ -70,13 +83,17 @@ FAULT_KINDS: tuple[str, ...] = (
     "ffmpeg-stop",
     "disk-full",
     "registration-delete",
+    "publisher-drop",
+    "live-cancel",
 )
+LIVE_FAULT_KINDS: tuple[str, ...] = ("publisher-drop", "live-cancel")
 # What only the scale-out set-up (several coordinators) has to lose.
 SHARED_FAULT_KINDS: tuple[str, ...] = ("postgres-kill", "redis-down", "storage-down")
 _GROUPS = {
     "all": FAULT_KINDS,
     "partition": tuple(k for k in FAULT_KINDS if k.startswith("partition-")),
     "job": ("job-cancel", "job-delete"),
+    "live": LIVE_FAULT_KINDS,
     "shared": SHARED_FAULT_KINDS,
     "scale-out": FAULT_KINDS + SHARED_FAULT_KINDS,
 }
@@ -86,10 +103,16 @@ _GROUPS = {
 WATCHDOG_MARGIN_S = 3.0
 # How long a runner may take to notice that its registration is gone (its next call tells it).
 NOTICE_LIMIT_S = 20.0
+# How long after the end of the fault window a fault may still wait for its target.
+TARGET_GRACE_S = 5.0
+# How long a live job's ffmpeg may outlive the admin's cancel (the take-back is pushed on the socket; the
+# live tests ask for a second on a quiet machine).
+LIVE_CANCEL_LIMIT_S = 3.0
 
 
 def parse_menu(text: str) -> tuple[str, ...]:
-    """`all`, or a comma list of kinds and groups (`partition`, `job`); ValueError names a wrong one."""
+    """`all`, or a comma list of kinds and groups (`partition`, `job`, `live`, ...); ValueError names a wrong
+    one."""
     chosen: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -124,7 +147,14 @@ class FaultRecord:
     note: str = ""
     # Targets this fault holds (no other fault touches them meanwhile), and the wall time of its end.
     claims: set[str] = field(default_factory=set)
+    started_wall: float = 0.0
     healed_wall: float = 0.0
+    # Lives whose job the fault hit (they must be served again), and other lives it watches until the
+    # system works again (the monitor reads them all).
+    hit_lives: list[str] = field(default_factory=list)
+    lives: list[str] = field(default_factory=list)
+    # Judgements made once the system is working again (they may add anomalies or a note).
+    verdicts: list[Callable[[Snapshot], None]] = field(default_factory=list)
 
     @property
     def injected(self) -> bool:
@@ -193,6 +223,12 @@ class Faults:
         self.cancelled_jobs: set[str] = set()
         self.deleted_jobs: set[str] = set()
         self.touched_videos: set[str] = set()
+        # The live workload (None: no lives), and the lives a fault touched (a session or a job of theirs
+        # that the fault's span overlaps may end with an error): video uuid -> the faults.
+        self.lives: Lives | None = None
+        self.touched_lives: dict[str, list[FaultRecord]] = {}
+        # The end of the fault window (monotonic), once the run knows it.
+        self.window_end: float | None = None
         self._freed = asyncio.Event()
         self._impls: dict[str, Callable[[random.Random, FaultRecord], Awaitable[list[Condition]]]] = {
             "runner-kill": self._runner_kill,
@@ -206,6 +242,8 @@ class Faults:
             "ffmpeg-stop": self._ffmpeg_stop,
             "disk-full": self._disk_full,
             "registration-delete": self._registration_delete,
+            "publisher-drop": self._publisher_drop,
+            "live-cancel": self._live_cancel,
             "postgres-kill": self._shared_service,
             "redis-down": self._shared_service,
             "storage-down": self._shared_service,
@@ -222,15 +260,22 @@ class Faults:
         rng = random.Random(seed)
         try:
             conditions = await self._impls[kind](rng, record)
-            self.cluster.monitor.track(record.affected_jobs)
+            conditions += [self._live_served(uuid, record.healed_wall) for uuid in record.hit_lives]
+            watched = sorted(set(record.hit_lives) | set(record.lives))
+            monitor = self.cluster.monitor
+            monitor.track(record.affected_jobs)
+            monitor.track_lives(watched)
             try:
-                seen = await self.cluster.monitor.until(
+                seen = await monitor.until(
                     lambda s: all(c(s) for c in conditions), self.limits.recovery_limit_s
                 )
             finally:
-                self.cluster.monitor.untrack(record.affected_jobs)
+                monitor.untrack(record.affected_jobs)
+                monitor.untrack_lives(watched)
             if seen is not None:
                 record.recovery_s = max(0.0, seen.at - record.healed_wall)
+                for verdict in record.verdicts:
+                    verdict(seen)
         except Skip as exc:
             record.skipped = str(exc)
         except Exception as exc:  # a refused admin call, say: a finding, not a reason to stop the run
@@ -243,8 +288,10 @@ class Faults:
         return record
 
     def _inject(self, record: FaultRecord) -> None:
-        """The fault starts now."""
+        """The fault starts now (its target and the jobs it hits are known)."""
         record.started_at = self.now()
+        record.started_wall = time.time()
+        record.hit_lives = self._lives_hit(record)
 
     def _heal(self, record: FaultRecord) -> float:
         """The fault ends now: the wall time from which recovery is measured."""
@@ -260,9 +307,14 @@ class Faults:
         pick: Callable[[], list[str]],
         wait_s: float | None = None,
     ) -> str:
-        """A target no other fault holds, chosen by `rng` among `pick()`; waits for one a bounded time."""
+        """A target no other fault holds, chosen by `rng` among `pick()`; waits for one a bounded time, and
+        no later than `TARGET_GRACE_S` after the end of the fault window (the work is winding down then: a
+        long wait would only lengthen the run)."""
         wait_s = self.limits.target_wait_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
+        if self.window_end is not None:
+            deadline = min(deadline, max(self.window_end + TARGET_GRACE_S, time.monotonic()))
+            wait_s = round(deadline - time.monotonic())
         while True:
             free = sorted(t for t in pick() if t not in self.busy)
             if free:
@@ -296,6 +348,33 @@ class Faults:
         latest = self.cluster.monitor.latest
         return sorted(j.uuid for j in latest.processing.values() if j.runner == node.name)
 
+    def _touch_live(self, video_uuid: str, record: FaultRecord) -> None:
+        self.touched_lives.setdefault(video_uuid, []).append(record)
+
+    def touched(self, video_uuid: str, start_wall: float, end_wall: float) -> list[FaultRecord]:
+        """The faults that touched a live between two wall times: from their start until the system was
+        working again (or the recovery limit, when it was not)."""
+        limit = self.limits.recovery_limit_s
+        return [
+            r
+            for r in self.touched_lives.get(video_uuid, [])
+            if r.started_wall <= end_wall
+            and start_wall <= r.healed_wall + (r.recovery_s if r.recovery_s is not None else limit)
+        ]
+
+    def _lives_hit(self, record: FaultRecord) -> list[str]:
+        """The lives whose job the fault hit (touched: their end may carry an error), and, for a coordinator
+        kill, every live being published (its publisher and its runner's pull were cut)."""
+        known = self.cluster.monitor.live_of_job
+        hit = {known[uuid] for uuid in record.affected_jobs if uuid in known}
+        if record.kind == "coordinator-kill" and self.lives is not None:
+            hit |= {p.live.video_uuid for p in self.lives.in_progress()}
+        if record.kind in LIVE_FAULT_KINDS:
+            hit.clear()  # judged by the fault itself
+        for uuid in sorted(hit):
+            self._touch_live(uuid, record)
+        return sorted(hit)
+
     # ------------------------------------------------------------------ conditions
 
     def _serving(self, node: RunnerNode, since: float) -> Condition:
@@ -305,7 +384,6 @@ class Faults:
         def moving(s: Snapshot) -> bool:
             if not s.coordinator_up:
                 return False
-            slots_busy = all(r.full for r in s.runners.values() if r.alive)
             for job_uuid in job_uuids:
                 if job_uuid not in s.tracked:
                     return False  # not looked at yet
@@ -314,12 +392,47 @@ class Faults:
                     continue
                 if job.state == PROCESSING and job.updated_at > since:
                     continue
+                slots_busy = all(r.full(live=job.is_live) for r in s.runners.values() if r.alive)
                 if job.state in (PENDING, WAITING) and slots_busy:
                     continue
                 return False
             return True
 
         return moving
+
+    def _live_served(self, video_uuid: str, since: float) -> Condition:
+        """The live is over (not `live`), or its current job took an update after `since`: a job that
+        resumed it, or the one the fault hit going on."""
+
+        def served(s: Snapshot) -> bool:
+            if not s.coordinator_up or video_uuid not in s.lives:
+                return False
+            live = s.lives[video_uuid]
+            if live is None or live.state != "live":
+                return True
+            job = s.live_jobs.get(live.job_uuid) if live.job_uuid else None
+            return job is not None and job.state == PROCESSING and job.updated_at > since
+
+        return served
+
+    def _live_over(self, video_uuid: str, session: int | None, job_uuid: str | None) -> Condition:
+        """The live left the `live` state of `session` (ended, waiting, or a new session; any session when
+        None) and `job_uuid` is final or gone."""
+
+        def over(s: Snapshot) -> bool:
+            if not s.coordinator_up or video_uuid not in s.lives:
+                return False
+            live = s.lives[video_uuid]
+            if live is not None and live.state == "live" and session in (None, live.session):
+                return False
+            if job_uuid is None:
+                return True
+            if job_uuid not in s.tracked:
+                return False
+            job = s.tracked[job_uuid]
+            return job is None or job.state in FINAL_STATES
+
+        return over
 
     def _released(self, node: RunnerNode, job_uuid: str, since: float) -> Condition:
         folder = node.paths.work_dir
@@ -501,6 +614,193 @@ class Faults:
             conditions.append(self._released(self.cluster.runner(holder), job_uuid, since))
         return conditions
 
+    # ------------------------------------------------------------------ lives
+
+    def _live_workload(self) -> Lives:
+        if self.lives is None:
+            raise Skip("no lives in this run (--lives 0, or several coordinators)")
+        return self.lives
+
+    def _live_job_of(self, video_uuid: str) -> JobView | None:
+        """The processing live job of a live, as the monitor last saw it."""
+        latest = self.cluster.monitor.latest
+        return next((j for j in latest.processing.values() if j.is_live and j.video_uuid == video_uuid), None)
+
+    def _ffmpeg_of(self, job: JobView) -> list[FfmpegProcess]:
+        """The ffmpeg processes running in the job's folder on its runner."""
+        if job.runner is None:
+            return []
+        folder = self.cluster.runner(job.runner).paths.work_dir / job.uuid
+        return [p for p in self.cluster.monitor.latest.ffmpeg if p.cwd == folder]
+
+    def _transcoding(self, job: JobView) -> bool:
+        """A live job whose ffmpeg runs and has delivered a segment (an update after its accept)."""
+        return bool(self._ffmpeg_of(job)) and job.updated_at > (job.started_at or job.updated_at)
+
+    def _claim_holder(self, record: FaultRecord, job: JobView | None) -> RunnerNode | None:
+        """The runner that holds `job`, claimed when free (no runner fault muddles the end to judge)."""
+        if job is None or job.runner is None:
+            return None
+        node = self.cluster.runner(job.runner)
+        if node.name not in self.busy:
+            self.busy.add(node.name)
+            record.claims.add(node.name)
+        return node
+
+    async def _publisher_drop(self, rng: random.Random, record: FaultRecord) -> list[Condition]:
+        """SIGKILL the publisher of a live (most of the time one whose job a runner transcodes); it does not
+        come back. The live must end cleanly: its runner delivers what it had and completes the job, the
+        live ends after the reconnect grace (`waiting` again when permanent), the runner lets it go."""
+        lives = self._live_workload()
+        want_segments = rng.random() < self.limits.busy_share
+        until = time.monotonic() + self.limits.busy_wait_s * 2
+
+        def candidates() -> list[str]:
+            if lives.over:
+                raise Skip("no live is published any more (the end of the run is near)")
+            found = lives.publishing()
+            if want_segments and time.monotonic() < until:
+                found = [
+                    p
+                    for p in found
+                    if (job := self._live_job_of(p.live.video_uuid)) is not None and self._transcoding(job)
+                ]
+            return [p.live.video_uuid for p in found]
+
+        video_uuid = await self._claim(rng, record, "live being published", candidates, wait_s=30.0)
+        publication = next((p for p in lives.publishing() if p.live.video_uuid == video_uuid), None)
+        if publication is None:
+            raise Skip(f"the publication of live {video_uuid[:8]} ended before the drop")
+        job = self._live_job_of(video_uuid)
+        holder = self._claim_holder(record, job)
+        # A job whose ffmpeg transcodes (it delivered a segment) must deliver what it has and complete; one
+        # still starting (probing the stream) may fail to read it: the live is then touched.
+        transcoding = job is not None and self._transcoding(job)
+        record.target = f"{publication.describe()}" + (
+            f", job {job.uuid[:8]} on {job.runner}" + ("" if transcoding else " (starting)")
+            if job is not None
+            else ", no job processing"
+        )
+        record.affected_jobs = [job.uuid] if job is not None else []
+        self._inject(record)
+        await lives.drop(publication)
+        since = self._heal(record)
+        if not transcoding:
+            self._touch_live(video_uuid, record)
+        job_uuid = job.uuid if job is not None else None
+
+        def verdict(s: Snapshot) -> None:
+            after = s.lives.get(video_uuid)
+            ended = _live_end(after)
+            record.note = f"live {ended}"
+            others = [
+                r for r in self.touched(video_uuid, record.started_wall, time.time()) if r is not record
+            ]
+            if others:
+                record.note += f" (also hit by #{', #'.join(str(r.number) for r in others)})"
+                return  # another fault had a hand in its end
+            expected = "waiting" if publication.live.permanent else "ended"
+            if after is None or after.state != expected or after.error:
+                record.anomalies.append(f"the live is {ended} after its publisher dropped, not {expected}")
+            final = s.tracked.get(job_uuid) if job_uuid else None
+            if transcoding and job_uuid is not None and (final is None or final.state != COMPLETED):
+                record.anomalies.append(
+                    f"its job {job_uuid[:8]} ended "
+                    + (f"{_state_name(final.state)}: {final.error}" if final is not None else "deleted")
+                    + ", not completed"
+                )
+
+        record.verdicts.append(verdict)
+        record.lives = [video_uuid]
+        # Whatever its session (a snapshot may predate the publisher's connection): a dropped publisher
+        # does not come back, and its channel publishes again only once it saw the live leave `live`.
+        conditions = [self._live_over(video_uuid, None, job_uuid)]
+        if holder is not None and job_uuid is not None:
+            conditions.append(self._released(holder, job_uuid, since))
+        return conditions
+
+    async def _live_cancel(self, rng: random.Random, record: FaultRecord) -> list[Condition]:
+        """`POST /api/v1/runners/jobs/{uuid}/cancel` of a processing live job: the runner's ffmpeg must be
+        gone within `LIVE_CANCEL_LIMIT_S`, the live ends (`ended` with the cancel as its error; `waiting`
+        when permanent) and its publisher is disconnected (it publishes again: a new session of a permanent
+        live, a refusal for an ended one)."""
+        lives = self._live_workload()
+        monitor = self.cluster.monitor
+        want_ffmpeg = rng.random() < self.limits.busy_share
+        until = time.monotonic() + self.limits.busy_wait_s * 2
+
+        def candidates() -> list[str]:
+            if lives.over:
+                raise Skip("no live is published any more (the end of the run is near)")
+            # Not on a runner another fault holds: the cancel's expectations need a runner that works.
+            found = [
+                j
+                for j in monitor.latest.processing.values()
+                if j.is_live and j.video_uuid not in self.busy and j.runner not in self.busy
+            ]
+            if want_ffmpeg and time.monotonic() < until:
+                found = [j for j in found if self._transcoding(j)]
+            return sorted(j.uuid for j in found)
+
+        job_uuid = await self._claim(rng, record, "processing live job", candidates, wait_s=30.0)
+        job = monitor.latest.processing.get(job_uuid)
+        if job is None or job.video_uuid is None:
+            raise Skip(f"live job {job_uuid[:8]} ended before the cancel")
+        video_uuid = job.video_uuid
+        session = job.session
+        self.busy.add(video_uuid)
+        record.claims.add(video_uuid)
+        holder = self._claim_holder(record, job)
+        record.target = f"live job {job_uuid[:8]} of live {video_uuid[:8]}" + (
+            f" on {holder.name}" if holder else ""
+        )
+        record.affected_jobs = [job_uuid]
+        ffmpeg = self._ffmpeg_of(job)
+        watches = [w for w in [await _watch_end(p) for p in ffmpeg] if w is not None]
+        self._inject(record)
+        answer = await self.cluster.admin.call("POST", f"/api/v1/runners/jobs/{job_uuid}/cancel")
+        asked = time.monotonic()
+        if answer.status_code == 400:
+            raise Skip(f"live job {job_uuid[:8]} ended before the cancel ({answer.json().get('detail')})")
+        if answer.status_code == 404:
+            raise Skip(f"live job {job_uuid[:8]} was gone before the cancel")
+        answer.raise_for_status()
+        self.cancelled_jobs.add(job_uuid)
+        self._touch_live(video_uuid, record)  # its session ends with the cancel as its error
+        since = self._heal(record)
+
+        def verdict(s: Snapshot) -> None:
+            gone = [w.result() - asked for w in watches if w.done()]
+            spanned = self.touched(video_uuid, record.started_wall, time.time())
+            others = [r for r in spanned if r is not record]
+            if others:  # another fault (a SIGSTOP of that ffmpeg, say) had a hand in it
+                record.note = f"also hit by #{', #'.join(str(r.number) for r in others)}"
+            elif len(gone) < len(watches) or any(t > LIVE_CANCEL_LIMIT_S for t in gone):
+                late = "still running" if len(gone) < len(watches) else f"gone {max(gone):.1f} s after it"
+                record.anomalies.append(
+                    f"the runner's ffmpeg was {late} (limit {LIVE_CANCEL_LIMIT_S:g} s after the cancel)"
+                )
+            final = s.tracked.get(job_uuid)
+            if final is not None and final.state != CANCELLED:
+                record.anomalies.append(f"the job ended {_state_name(final.state)}, not cancelled")
+            after = s.lives.get(video_uuid)
+            record.note = "; ".join(
+                n
+                for n in (
+                    f"live {_live_end(after, session)}",
+                    f"ffmpeg gone {max(gone):.1f} s after the cancel" if gone else "no ffmpeg seen",
+                    record.note,
+                )
+                if n
+            )
+
+        record.verdicts.append(verdict)
+        record.lives = [video_uuid]
+        conditions = [self._live_over(video_uuid, session, job_uuid)]
+        if holder is not None:
+            conditions.append(self._released(holder, job_uuid, since))
+        return conditions
+
     # ------------------------------------------------------------------ ffmpeg
 
     async def _ffmpeg_stop(self, rng: random.Random, record: FaultRecord) -> list[Condition]:
@@ -526,7 +826,15 @@ class Faults:
             raise Skip(f"the ffmpeg of {name} ended before it could be stopped")
         job_uuid, proc = rng.choice(mine)
         variant = rng.choice(["SIGCONT after the stall limit", "left to the watchdog"])
-        record.variant = variant
+        hold_s = self.limits.stall_s + rng.uniform(1.0, WATCHDOG_MARGIN_S)
+        # A live's ffmpeg has the live processor's stall limit (5 segments, at least 20 s): frozen for
+        # less, it must go on (the SIGCONT variant); left alone, that watchdog must kill it.
+        job = self.cluster.monitor.latest.processing.get(job_uuid)
+        live = job is not None and job.is_live
+        stall_s = stall_after_s(job.segment_s or 4.0) if job is not None and live else self.limits.stall_s
+        if live and variant.startswith("SIGCONT"):
+            variant = f"SIGCONT after {hold_s:.1f} s, under the live stall limit"
+        record.variant = variant + (" (a live's ffmpeg)" if live else "")
         record.target = f"{name}, ffmpeg {proc.pid} of job {job_uuid[:8]}"
         record.affected_jobs = [job_uuid]
         ended = await _watch_end(proc)
@@ -538,30 +846,32 @@ class Faults:
         except ProcessLookupError:
             raise Skip(f"ffmpeg {proc.pid} ended before it could be stopped") from None
         stopped_at = time.monotonic()
-        limit_s = self.limits.stall_s + WATCHDOG_MARGIN_S
+        limit_s = stall_s + WATCHDOG_MARGIN_S
+        resumed = False
         if variant.startswith("SIGCONT"):
-            hold_s = self.limits.stall_s + rng.uniform(1.0, WATCHDOG_MARGIN_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(ended), hold_s)
             if not ended.done():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGCONT)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ended), limit_s - hold_s)
+                resumed = live
+                if not live:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(ended), limit_s - hold_s)
         else:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(ended), limit_s)
         if ended.done():
             killed_after = ended.result() - stopped_at
-            record.note = (
-                f"ffmpeg gone {killed_after:.1f} s after SIGSTOP (stall limit {self.limits.stall_s:g} s)"
-            )
+            record.note = f"ffmpeg gone {killed_after:.1f} s after SIGSTOP (stall limit {stall_s:g} s)"
             if killed_after > limit_s:
                 record.anomalies.append(f"the watchdog killed it {killed_after:.1f} s after SIGSTOP")
+        elif resumed:
+            record.note = f"resumed after {time.monotonic() - stopped_at:.1f} s (stall limit {stall_s:g} s)"
         else:
             record.anomalies.append(
                 f"ffmpeg {proc.pid} still alive {limit_s:g} s after SIGSTOP (stall limit "
-                f"{self.limits.stall_s:g} s): the watchdog did not kill it"
+                f"{stall_s:g} s): the watchdog did not kill it"
             )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)
@@ -630,6 +940,27 @@ class Faults:
         await node.register(admin)
         since = self._heal(record)
         return [self._serving(node, since), self._moving(record.affected_jobs, since)]
+
+
+_STATE_NAMES = {
+    PENDING: "pending",
+    PROCESSING: "processing",
+    COMPLETED: "completed",
+    CANCELLED: "cancelled",
+    WAITING: "waiting for its parent",
+}
+
+
+def _state_name(state: int) -> str:
+    return _STATE_NAMES.get(state, "errored" if state in FINAL_STATES else f"state {state}")
+
+
+def _live_end(live: LiveView | None, session: int | None = None) -> str:
+    if live is None:
+        return "gone"
+    if live.state == "live" and session is not None and live.session != session:
+        return f"in a new session ({live.session})"
+    return live.state + (f" ({live.error})" if live.error else "")
 
 
 def _fill(path: os.PathLike[str]) -> int:

@@ -25,6 +25,7 @@ from chaos_cluster import (
     COMPLETED,
     ERRORED,
     FINAL_STATES,
+    LIVE_JOB,
     PARENT_CANCELLED,
     PARENT_ERRORED,
     TMPFS_SOURCE,
@@ -33,11 +34,13 @@ from chaos_cluster import (
     parse_time,
     run_cli,
 )
+from chaos_lives import check_lives, live_temp_files
 from tuberunner.media.errors import ProbeError
 from tuberunner.media.probe import probe
 
 if TYPE_CHECKING:
     from chaos_faults import ChaosLimits, Faults
+    from chaos_lives import Lives
 
 __all__ = ["Check", "RunFacts", "Submission", "check_invariants", "fault_stats", "print_report"]
 
@@ -82,6 +85,7 @@ class RunFacts:
     limits: ChaosLimits
     menu: tuple[str, ...]
     faults: Faults | None = None
+    lives: Lives | None = None
     submissions: list[Submission] = field(default_factory=list)
     settle_s: float | None = None
     checks: list[Check] = field(default_factory=list)
@@ -146,6 +150,7 @@ class RunFacts:
                 {"uuid": v["uuid"], "name": v["name"], "state": v["state"], "jobs": v["jobs"]["byState"]}
                 for v in self.videos
             ],
+            "lives": self.lives.as_json() if self.lives is not None else [],
             "notes": self.notes,
         }
 
@@ -190,14 +195,14 @@ async def check_invariants(cluster: Cluster, facts: RunFacts) -> None:
     counts: Counter[str] = Counter()
     for job in jobs:
         state = job["state"]["id"]
-        if state not in FINAL_STATES:
+        if state not in FINAL_STATES or job["type"] == LIVE_JOB:  # live jobs: a row of their own
             continue
         counts[job["state"]["label"].lower()] += 1
         problem = _end_state_problem(job, by_uuid, cancelled)
         if problem:
             bad_end.append(f"job {job['uuid']} ({job['type']}): {problem}")
     facts.add(
-        "every job completed, or errored with a reason, or cancelled by the chaos",
+        "every VOD job completed, or errored with a reason, or cancelled by the chaos",
         bad_end,
         ", ".join(f"{n} {label}" for label, n in counts.most_common()) or "no job",
     )
@@ -218,7 +223,11 @@ async def check_invariants(cluster: Cluster, facts: RunFacts) -> None:
                 lost.append(f"job {job_uuid} of {sub.name} is gone (nobody deleted it)")
         if sub.error:
             lost.append(f"{sub.name}: {sub.error}")
-    extra = [v for v in facts.videos if v["uuid"] not in {s.video_uuid for s in facts.submissions}]
+    extra = [
+        v
+        for v in facts.videos
+        if v["uuid"] not in {s.video_uuid for s in facts.submissions} and v.get("live") is None
+    ]
     if extra:
         facts.notes.append(
             f"{len(extra)} video(s) created by a retried upload whose first answer was lost: "
@@ -278,6 +287,7 @@ async def check_invariants(cluster: Cluster, facts: RunFacts) -> None:
         unplayable,
         f"{len(published) - len(unplayable)}/{len(published)} published videos have a web video or HLS",
     )
+    check_lives(facts, jobs, facts.videos)
 
     # -- outputs
     problems, probed = await _check_outputs(cluster, facts.videos, facts.root)
@@ -295,7 +305,11 @@ async def check_invariants(cluster: Cluster, facts: RunFacts) -> None:
         if p.ppid in runner_pids or (p.cwd is not None and p.cwd.is_relative_to(facts.root))
     ]
     facts.add("no ffmpeg process left", stray, "none" if not stray else f"{len(stray)} running")
-    facts.add("no temp file left", _temp_files(cluster), "runner job folders, partial downloads, uploads")
+    facts.add(
+        "no temp file left",
+        _temp_files(cluster) + live_temp_files(cluster),
+        "runner job folders, partial downloads, uploads, lives' unlisted segments",
+    )
 
     # -- runners
     facts.add(
@@ -387,6 +401,8 @@ def _descendants(graph: dict[str, str | None], roots: set[str]) -> set[str]:
 
 def _video_problem(video: dict[str, Any], touched: bool, bad_jobs: set[str]) -> str | None:
     state = video["state"]
+    if video.get("live") is not None:  # its session's end is judged with the lives
+        return None if state in ("ended", "waiting") else f"a live still {state}"
     if state == "processing":
         return "still processing: " + ", ".join(f"{n} {s}" for s, n in video["jobs"]["byState"].items())
     if state == "published":

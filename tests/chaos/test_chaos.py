@@ -1,5 +1,6 @@
 """A minute of `make chaos` as part of the suite: a coordinator and two runner daemons (separate processes,
-real ffmpeg) transcode four videos while every kind of fault hits them; then every invariant must hold.
+real ffmpeg) transcode four videos and one live at a time (published by `ffmpeg -re`) while every kind of
+fault hits them; then every invariant must hold.
 
 The script runs as a child process, as `make chaos` runs it, so that its processes, mounts and signal
 handling are its own; its output is shown when the test fails, with the seed that replays the run."""
@@ -57,3 +58,6 @@ def test_a_minute_of_every_fault_leaves_no_job_stuck_lost_or_duplicated(tmp_path
     # Faults really happened, of most kinds (a minute is too short for every kind every time).
     assert sum(injected.values()) >= 8, injected
     assert sum(1 for n in injected.values() if n) >= 7, injected
+    # Lives ran alongside, one publication after the other, each followed to its live's end.
+    assert len(report["lives"]) >= 2, report["lives"]
+    assert all(p["endedAfterS"] is not None for p in report["lives"]), report["lives"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -257,6 +258,45 @@ async def test_publisher_killed_ends_the_live_after_its_grace(
     playlist = (await client.get(ended["live"]["hlsUrl"].rsplit("/", 1)[0] + "/0.m3u8")).text
     assert playlist.splitlines()[-2] == f"1-{runner.sent[-1]}"
     assert playlist.rstrip().endswith("#EXT-X-ENDLIST")
+
+
+@_SQLITE
+async def test_a_job_failing_after_its_publisher_dropped_is_one_failure_and_the_grace_holds(
+    live_config: CoordinatorConfig, tmp_path: Path
+) -> None:
+    """The publisher drops while the runner has not started pulling; the runner reports that it cannot read
+    the stream. That is one failed job: the session still waits its reconnect grace for the publisher, then
+    ends without an error (the failure used to be counted again at every check of the watch loop, and the
+    live ended as "5 live jobs in a row failed" within 2.5 s, refusing a publisher back in time)."""
+    config = replace(live_config, live_reconnect_grace_s=6.0)
+    async with (
+        serve_coordinator(config) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as client,
+    ):
+        created = await create_live(client, resolutions="240")
+        video_uuid = created["video"]["uuid"]
+        token = await register_runner(client, "runner")
+        runner = LiveRunner(client, token, tmp_path / "runner")
+        async with publishing(_publish_url(created), 30) as publisher:
+            job = await runner.accept((await request_live_job(client, token))["uuid"])
+            publisher.kill()
+            dropped_at = time.time()
+
+        async def publisher_gone() -> bool:
+            return not (await live_of(client, video_uuid))["publisherConnected"]
+
+        await wait_for(publisher_gone, 5, "the coordinator to see the publisher leave")
+        failed = await client.post(
+            f"{RUNNERS}/jobs/{job['uuid']}/error",
+            json={**runner.tokens, "message": "Cannot read the live stream: no publisher"},
+        )
+        assert failed.status_code == 204
+        ended = await wait_for(lambda: _state(client, video_uuid, "ended"), 15, "the live to end")
+    assert ended["live"]["error"] is None
+    assert ended["live"]["endedAt"] - dropped_at >= config.live_reconnect_grace_s - 0.5
+    assert [(j["state"]["label"], j["error"]) for j in ended["jobs"]["list"]] == [
+        ("Errored", "Cannot read the live stream: no publisher")
+    ]
 
 
 @_SQLITE

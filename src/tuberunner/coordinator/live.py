@@ -159,6 +159,9 @@ class _Session:
     left_cleanly: bool = False
     connected_at: float = field(default_factory=time.monotonic)
     failed_jobs: int = 0
+    # The last job counted in `failed_jobs`: a failed job stays the session's job until a new one is made
+    # (or the grace runs out), and every check sees it again.
+    counted_failure: str | None = None
     creating: bool = False
     # The job of this session, once one was created (its row gone means an admin deleted it).
     job_uuid: str | None = None
@@ -496,8 +499,9 @@ class LiveService:
         if job.state == JobState.CANCELLED:
             await self._end(live, session, "the live job was cancelled")
         elif job.state.is_final:
-            if job.state != JobState.COMPLETED:
+            if job.state != JobState.COMPLETED and session.counted_failure != job.uuid:
                 session.failed_jobs += 1
+                session.counted_failure = job.uuid
             if session.failed_jobs >= _MAX_FAILED_JOBS:
                 await self._end(
                     live, session, f"{session.failed_jobs} live jobs in a row failed: {job.error}"
