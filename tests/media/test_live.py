@@ -418,6 +418,19 @@ def test_a_cut_lists_the_window_up_to_a_segment_without_the_end_tag() -> None:
     assert "#EXT-X-ENDLIST" not in playlist.up_to("1-000009.ts")
 
 
+def test_a_cut_after_a_skipped_segment_starts_after_it() -> None:
+    """8 could not be sent (ffmpeg wrote it incomplete on a full disk) and is still in the window: the
+    playlists sent from then on start at 9, and say so."""
+    cut = MediaPlaylist.parse(_WINDOW).up_to("1-000009.ts", first_sequence=9)
+    reread = MediaPlaylist.parse(cut)
+    assert reread.names() == ["1-000009.ts"]
+    assert [s.sequence for s in reread.segments] == [9]
+    assert "#EXT-X-MEDIA-SEQUENCE:9\n" in cut
+    assert reread.segments[0].tags[-1] == "#EXT-X-PROGRAM-DATE-TIME:2026-01-01T10:00:18.000+0000"
+    # A first sequence below the window changes nothing.
+    assert MediaPlaylist.parse(_WINDOW).up_to("1-000009.ts", first_sequence=3).count(".ts") == 3
+
+
 def test_a_discontinuity_belongs_to_the_segment_after_it() -> None:
     first_tags = "#EXTINF:2.000000,\n#EXT-X-PROGRAM-DATE-TIME:2026-01-01T10:00:14"
     text = _WINDOW.replace(first_tags, f"#EXT-X-DISCONTINUITY\n{first_tags}")

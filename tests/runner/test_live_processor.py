@@ -17,8 +17,9 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -62,12 +63,16 @@ async def start_runner(tmp_path: Path) -> AsyncIterator[StartRunner]:
     harnesses: list[SupervisorHarness] = []
 
     async def start(
-        instance: InstanceConfig, *, processors: dict[JobType, Processor] | None = None, **overrides: Any
+        instance: InstanceConfig,
+        *,
+        processors: dict[JobType, Processor] | None = None,
+        work_dir: Path | None = None,
+        **overrides: Any,
     ) -> SupervisorHarness:
         config = replace(FAST, instances=(instance,), concurrency=1, live_concurrency=1, **overrides)
         supervisor = Supervisor(
             config,
-            work_dir=tmp_path / f"runner-{len(harnesses)}" / "jobs",
+            work_dir=work_dir or tmp_path / f"runner-{len(harnesses)}" / "jobs",
             processors=processors or PROCESSORS,
             supports=supports,
             settings=ProcessingSettings(ffmpeg=find_ffmpeg(), threads=1),
@@ -313,6 +318,80 @@ async def test_transient_failures_are_retried_and_no_segment_is_lost(start_runne
     assert _counter(runner, "uploaded") == len(server.received)
 
 
+def test_a_playlist_ffmpeg_left_empty_or_cut_short_is_not_read_as_a_window() -> None:
+    """On a full disk ffmpeg can leave a playlist empty or cut short (seen: an empty one). Read as it is, its
+    segments would seem to have left the window (removed from the server while players still list them);
+    such a read is ignored until ffmpeg writes it whole again."""
+    whole = (
+        "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:4\n"
+        "#EXTINF:2.0,\n1-000004.ts\n#EXTINF:2.0,\n1-000005.ts\n#EXTINF:2.0,\n1-000006.ts\n"
+    )
+    previous = MediaPlaylist.parse(whole)
+    moved = whole.replace("SEQUENCE:4\n#EXTINF:2.0,\n1-000004.ts\n", "SEQUENCE:5\n")
+    moved += "#EXTINF:2.0,\n1-000007.ts\n"
+    for text, expected in [
+        (whole, True),
+        (moved, True),
+        ("", False),
+        (whole[: whole.index("1-000006.ts") + 5], False),  # a name cut in half
+        (whole[: whole.index("#EXTINF:2.0,\n1-000006.ts")], False),  # the window's end went back
+        (whole.replace("SEQUENCE:4", "SEQUENCE:3"), False),  # its start went back
+    ]:
+        assert live_processor._whole(MediaPlaylist.parse(text), text, previous) is expected, text
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (a work disk that fills up), unmounted after the runner using it has stopped."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write zeros into `folder` until its disk is full; the file that fills it."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(bytes(65536))
+    return filler
+
+
+async def test_a_full_work_disk_skips_what_ffmpeg_could_not_write_and_the_live_goes_on(
+    small_disk: Path, start_runner: StartRunner
+) -> None:
+    """The work disk fills up for a few seconds mid-live: ffmpeg lists segments it wrote empty or cut short
+    and leaves its playlists empty. Those segments are skipped (counted), never sent nor listed, the empty
+    playlists are not taken for a window that moved, and the live goes on once the disk has room."""
+    async with fake_live(list_size=3, seconds=60) as live:
+        runner = await start_runner(live.instance, work_dir=small_disk, **_fast_polling())
+        server = live.server
+        await server.wait_for(lambda: len(server.received_of(VIDEO)) >= 2, 30, "segments before the fault")
+        filler = _fill(small_disk)
+        await asyncio.sleep(4)  # the fault's length: a few segments are written on a full disk
+        filler.unlink()
+        before = len(server.received_of(VIDEO))
+        await server.wait_for(lambda: len(server.received_of(VIDEO)) >= before + 2, 30, "segments after it")
+        live.publisher.kill()
+        assert await runner.supervisor.wait_for(lambda: not runner.supervisor.jobs, 20)
+
+    assert server.problems == []
+    assert server.ends == ["success"]
+    sent = [u.chunk_bytes for u, answer in server.updates if answer.status == 204 and u.kind == "add-chunk"]
+    assert sent
+    assert all(data and len(data) % 188 == 0 for data in sent), "an incomplete segment was sent"
+    assert _counter(runner, "skipped") >= 1, "the full disk spoilt no segment: the test did not test"
+    for playlist in (AUDIO, VIDEO):
+        sequences = _sequences(server.received_of(playlist))
+        assert sequences == sorted(sequences)
+
+
 # ------------------------------------------------------------------------------------------ the coordinator
 
 
@@ -395,6 +474,31 @@ async def test_a_stalled_stream_errors_the_job_after_the_stall_time(
     row = await job_of(coordinator, job_uuid)
     assert row is not None
     assert (row.state, row.error) == (JobState.ERRORED, message)
+
+
+async def test_a_live_whose_ffmpeg_is_stuck_is_let_go_as_soon_as_the_coordinator_takes_it_back(
+    coordinator: RunningCoordinator, start_runner: StartRunner
+) -> None:
+    """The live's ffmpeg is SIGSTOPped (stuck: no segment, no end) and the job cancelled: a live has no
+    heartbeat, but the coordinator's take-back push makes the runner ask, and the answer stops the live at
+    once instead of at the stall watchdog (20 s here)."""
+    runner = await start_runner(await register(coordinator, "stuck"))
+    live = await _new_live(coordinator, "stuck")
+    async with publishing(live.publish_url, 60) as publisher:
+        job_uuid = await _live_job(coordinator, live)
+        await _uploading(runner, 1)
+        (pid,) = [pid for pid in ffmpeg_pids() if pid != publisher.pid]
+        watch = ProcessWatch(pid)
+        os.kill(pid, signal.SIGSTOP)
+        async with httpx.AsyncClient(base_url=coordinator.url, timeout=10) as http:
+            asked = time.monotonic()
+            answer = await http.post(
+                f"/api/v1/runners/jobs/{job_uuid}/cancel", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            )
+        assert answer.status_code == 204
+        assert await watch.ended(10) - asked <= 2.0
+        assert await runner.supervisor.wait_for(_ended(runner, job_uuid), 5)
+    assert _run_outcome(runner, job_uuid).startswith("cancelled: the server took the job back")
 
 
 async def test_a_live_is_taken_while_the_vod_slot_is_busy_and_a_vod_job_while_the_live_slot_is(

@@ -324,12 +324,12 @@ class MediaPlaylist:
     def names(self) -> list[str]:
         return [segment.name for segment in self.segments]
 
-    def up_to(self, name: str) -> str:
-        """The playlist as the server may serve it after receiving `name`: the window up to `name`, no end
-        tag. A segment skipped by the sender (it left the window unsent) is never listed: the window is
-        contiguous, so whatever came before it has left too."""
+    def up_to(self, name: str, *, first_sequence: int = 0) -> str:
+        """The playlist as the server may serve it after receiving `name`: the segments of the window up to
+        `name` whose sequence is at least `first_sequence` (the sender's first one after a segment it could
+        not send, which must not be listed), no end tag."""
         last = next(s.sequence for s in self.segments if s.name == name)
-        kept = [s for s in self.segments if s.sequence <= last]
+        kept = [s for s in self.segments if first_sequence <= s.sequence <= last]
         lines = [line for line in self.header if not line.startswith("#EXT-X-MEDIA-SEQUENCE")]
         lines.append(f"#EXT-X-MEDIA-SEQUENCE:{kept[0].sequence}")
         for segment in kept:

@@ -19,7 +19,6 @@ reject chunked uploads more often than sized ones); they are never read whole in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
@@ -113,6 +112,15 @@ class _FilePart:
     content_type: str
     path: Path
     size: int
+    # The bytes themselves, for a small part made in memory (a live playlist): `path` only names it.
+    data: bytes | None = None
+
+
+def text_part(name: str, filename: str, text: str) -> _FilePart:
+    """A file part from text in memory (nothing written to a disk that may be full)."""
+    data = text.encode("utf-8")
+    path = Path(filename)
+    return _FilePart(name, filename, result_content_type(name, path), path, len(data), data)
 
 
 def _quoted(value: str) -> str:
@@ -166,6 +174,9 @@ class MultipartBody:
 
 async def _read_file(part: _FilePart) -> AsyncIterator[bytes]:
     """The file's bytes in chunks read off the event loop; exactly the size announced."""
+    if part.data is not None:
+        yield part.data
+        return
     try:
         handle: IO[bytes] = await asyncio.to_thread(part.path.open, "rb")
     except OSError as exc:
@@ -441,12 +452,11 @@ class InstanceClient:
         if update.chunk_file is not None:
             files.append(file_part("payload[videoChunkFile]", update.chunk_file, "videoChunkFile"))
         if update.playlist is not None:
-            name, path = update.playlist
+            name, text = update.playlist
             fields.append(("payload[resolutionPlaylistFilename]", name))
-            part = file_part("payload[resolutionPlaylistFile]", path, "resolutionPlaylistFile")
-            files.append(dataclasses.replace(part, filename=name))
+            files.append(text_part("payload[resolutionPlaylistFile]", name, text))
         if update.master is not None:
-            files.append(file_part("payload[masterPlaylistFile]", update.master, "masterPlaylistFile"))
+            files.append(text_part("payload[masterPlaylistFile]", "master.m3u8", update.master))
         await self._call(
             "POST",
             self._job_url(job.uuid, "update"),

@@ -47,9 +47,10 @@ class LiveChunkUpdate:
     kind: Literal["add-chunk", "remove-chunk"]
     chunk_name: str
     chunk_file: Path | None = None
-    # (name on the server, file holding the text to send)
-    playlist: tuple[str, Path] | None = None
-    master: Path | None = None
+    # (name on the server, its text)
+    playlist: tuple[str, str] | None = None
+    # The master playlist's text.
+    master: str | None = None
 
 
 class LiveLink(Protocol):

@@ -638,9 +638,26 @@ class Supervisor:
 
     def _recheck_jobs(self, worker: InstanceWorker) -> None:
         """Send the next heartbeat of every job held from `worker` now: its answer says if it is ours."""
+        assert self._tg is not None
         for run in self.jobs.values():
-            if run.worker is worker and run.heartbeat is not None:
+            if run.worker is not worker:
+                continue
+            if run.is_live:
+                if worker.client.pushes_taken_back:
+                    self._tg.create_task(self._check_live(run), name=f"check live {run.job.uuid}")
+            elif run.heartbeat is not None:
                 run.heartbeat.poke()
+
+    async def _check_live(self, run: JobRun) -> None:
+        """A live has no heartbeat (PeerTube refuses a live update without a segment), and its ffmpeg may
+        be stuck: a server that pushes take-backs (a Tuberunner coordinator) takes a bare update, whose
+        answer says whether the live is still ours."""
+        try:
+            await run.client.update(run.job)
+        except (JobGone, RunnerUnknown) as exc:
+            run.cancel(CancelReason.GONE, exc.message)
+        except RunnerError as exc:  # the live's own updates tell
+            log.debug("job %s: live check not answered: %s", run.job.uuid, exc.message)
 
     def _retire_worker(self, worker: InstanceWorker, *, removed: bool) -> None:
         for task in worker.tasks:

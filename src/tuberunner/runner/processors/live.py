@@ -14,9 +14,10 @@ each segment as soon as ffmpeg lists it (spec §7.4).
 * Uploads never block ffmpeg: each rendition's queue holds what ffmpeg listed and the server does not have
   yet. When uploads fall behind (slow or failing server), a segment that leaves ffmpeg's window before it
   could be sent is skipped (deleted, counted, logged): viewers would not be offered it any more, so sending
-  it late only adds lag. Transient failures are retried until the segment leaves the window; no update
-  landing for `LIVE_LEASE_S` ends the job (the server has taken it back by then: PeerTube's stalled-live
-  threshold is 30 s).
+  it late only adds lag. A segment ffmpeg could not write whole (a full disk: not a whole number of MPEG-TS
+  packets) is skipped too; the playlists sent after a skip start after it. Transient failures are retried
+  until the segment leaves the window; no update landing for `LIVE_LEASE_S` ends the job (the server has
+  taken it back by then: PeerTube's stalled-live threshold is 30 s).
 * The stream ends (ffmpeg exits once the stream does): the last segments go out, then `success`. A server
   answering "not in processing state" (PeerTube: "Session of this live ended") stops ffmpeg at once and the
   job ends with `success`, as the official runner does; 404 (job deleted or handed to another runner) stops
@@ -34,7 +35,6 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tuberunner.media.errors import FfmpegFailed, FfmpegRunError, FfmpegUnavailable, ProbeError
 from tuberunner.media.live import (
@@ -65,6 +65,8 @@ POLL_S = 0.1
 LIVE_LEASE_S = 30.0
 _PROBE_TIMEOUT_S = 20.0
 _RETRY_FIRST_S = 0.25
+# ffmpeg's MPEG-TS muxer writes whole packets: any other size is a file it could not finish.
+_TS_PACKET_BYTES = 188
 # No new segment for 5 segment durations, and for at least this long: the stream has stalled. A module
 # setting, so that a test can shorten it.
 STALL_MIN_S = 20.0
@@ -125,6 +127,9 @@ class _Rendition:
     sent: set[str] = field(default_factory=set)
     listed: set[str] = field(default_factory=set)
     listed_at: dict[str, float] = field(default_factory=dict)
+    # The playlists sent list no segment below this one: one that could not be sent may still be in the
+    # window (an incomplete file).
+    first_sequence: int = 0
     sent_any: bool = False
     busy: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -156,7 +161,6 @@ class LiveSession:
         self.segment_duration_s = segment_duration_s
         self.list_size = list_size
         self.out = ctx.work_dir / "hls"
-        self.outgoing = ctx.work_dir / "outgoing"
         self.renditions = [_Rendition(f"{n}.m3u8") for n in range(variant_count(stream, renditions))]
         self.master_sent = False
         self.last_segment_at = time.monotonic()
@@ -169,7 +173,6 @@ class LiveSession:
 
     async def run(self, url: str) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        self.outgoing.mkdir(parents=True, exist_ok=True)
         settings = self.ctx.settings
         args = live_command(
             url,
@@ -298,7 +301,11 @@ class LiveSession:
             except FileNotFoundError:
                 continue
             rendition.seen = (stat.st_mtime_ns, stat.st_size)
-            self._update(rendition, MediaPlaylist.parse(text))
+            playlist = MediaPlaylist.parse(text)
+            if _whole(playlist, text, rendition.playlist):
+                self._update(rendition, playlist)
+            else:  # written on a full disk: the next whole version tells
+                log.debug("job %s: %s read incomplete, ignored", self.ctx.job.uuid, rendition.name)
 
     def _update(self, rendition: _Rendition, playlist: MediaPlaylist) -> None:
         now = time.monotonic()
@@ -319,22 +326,21 @@ class LiveSession:
             waiting = next((s for s in rendition.queue if s.name == name), None)
             in_flight = rendition.busy and bool(rendition.queue) and rendition.queue[0] is waiting
             if waiting is not None and not in_flight:  # the one being sent is judged by its sender
-                self._skip(rendition, waiting)
+                self._skip_late(rendition, waiting)
         rendition.wake.set()
 
-    def _skip(self, rendition: _Rendition, segment: PlaylistSegment) -> None:
-        """`segment` left ffmpeg's window before the server got it: never sent (nor listed by the playlists
-        sent from now on: they list ffmpeg's window)."""
+    def _skip_late(self, rendition: _Rendition, segment: PlaylistSegment) -> None:
+        """`segment` left ffmpeg's window before the server got it: no viewer would be offered it now."""
+        self._skip(rendition, segment, "it left the window before it could be uploaded (uploads are behind)")
+
+    def _skip(self, rendition: _Rendition, segment: PlaylistSegment, why: str) -> None:
+        """Never send `segment`; the playlists sent from now on start after it."""
         rendition.queue.remove(segment)
+        rendition.first_sequence = max(rendition.first_sequence, segment.sequence + 1)
         self._drop(rendition, segment.name)
         self.skipped += 1
         self.link.segment_done("skipped", None)
-        log.warning(
-            "job %s: live segment %s skipped: it left the window before it could be uploaded (uploads are "
-            "behind)",
-            self.ctx.job.uuid,
-            segment.name,
-        )
+        log.warning("job %s: live segment %s skipped: %s", self.ctx.job.uuid, segment.name, why)
 
     def _drop(self, rendition: _Rendition, name: str) -> None:
         (self.out / name).unlink(missing_ok=True)
@@ -366,21 +372,25 @@ class LiveSession:
     async def _add(self, rendition: _Rendition, segment: PlaylistSegment) -> None:
         playlist = rendition.playlist
         if playlist is None or segment.name not in rendition.listed:
-            self._skip(rendition, segment)
+            self._skip_late(rendition, segment)
             return
-        text = playlist.up_to(segment.name)
-        playlist_file = self.outgoing / rendition.name
-        playlist_file.write_text(text, "utf-8")
+        chunk = self.out / segment.name
+        size = chunk.stat().st_size if chunk.exists() else 0
+        if size == 0 or size % _TS_PACKET_BYTES:
+            # ffmpeg lists a segment it could not write whole (a full disk): viewers must not get it.
+            self._skip(rendition, segment, f"ffmpeg wrote {size} bytes of it, not whole MPEG-TS packets")
+            return
+        text = playlist.up_to(segment.name, first_sequence=rendition.first_sequence)
         master = self._master_to_send(rendition)
         update = LiveChunkUpdate(
             "add-chunk",
             segment.name,
-            chunk_file=self.out / segment.name,
-            playlist=(rendition.name, playlist_file),
+            chunk_file=chunk,
+            playlist=(rendition.name, text),
             master=master,
         )
         if not await self._send(update, rendition, segment):
-            self._skip(rendition, segment)
+            self._skip_late(rendition, segment)
             return
         rendition.queue.popleft()
         rendition.sent.add(segment.name)
@@ -399,21 +409,18 @@ class LiveSession:
         if segment.name not in rendition.listed:
             rendition.removals.append(segment.name)
 
-    def _master_to_send(self, rendition: _Rendition) -> Path | None:
+    def _master_to_send(self, rendition: _Rendition) -> str | None:
         """ffmpeg's master, with the update that gives the last rendition its first segment (a master
         naming playlists that answer 404 makes players give up)."""
         if self.master_sent or not all(r.sent_any or r is rendition for r in self.renditions):
             return None
-        source = self.out / MASTER_PLAYLIST
         try:
-            text = source.read_text("utf-8")
+            text = (self.out / MASTER_PLAYLIST).read_text("utf-8")
         except FileNotFoundError:
             return None
         if not all(r.name in text for r in self.renditions):
-            return None
-        copy = self.outgoing / MASTER_PLAYLIST
-        copy.write_text(text, "utf-8")
-        return copy
+            return None  # not written yet, or cut short by a full disk
+        return text
 
     async def _remove(self, rendition: _Rendition, name: str) -> None:
         await self._send(LiveChunkUpdate("remove-chunk", name), rendition, None)
@@ -458,3 +465,19 @@ class LiveSession:
                 continue
             self.last_delivery_at = time.monotonic()
             return True
+
+
+def _whole(playlist: MediaPlaylist, text: str, previous: MediaPlaylist | None) -> bool:
+    """Whether `text` is a whole playlist of ffmpeg's. On a full disk ffmpeg leaves it empty or cut short:
+    read as it is, its segments would seem to leave the window (removed from the server while still listed)
+    or end in half a name. A window only moves forward, its lines end with a segment name."""
+    if not text.startswith("#EXTM3U") or not playlist.segments:
+        return False
+    if not all(segment.name.endswith(".ts") for segment in playlist.segments):
+        return False
+    if previous is not None and previous.segments:
+        if playlist.segments[0].sequence < previous.segments[0].sequence:
+            return False
+        if playlist.segments[-1].sequence < previous.segments[-1].sequence:
+            return False
+    return True
