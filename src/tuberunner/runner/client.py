@@ -116,7 +116,7 @@ class _FilePart:
     data: bytes | None = None
 
 
-def text_part(name: str, filename: str, text: str) -> _FilePart:
+def _text_part(name: str, filename: str, text: str) -> _FilePart:
     """A file part from text in memory (nothing written to a disk that may be full)."""
     data = text.encode("utf-8")
     path = Path(filename)
@@ -454,9 +454,9 @@ class InstanceClient:
         if update.playlist is not None:
             name, text = update.playlist
             fields.append(("payload[resolutionPlaylistFilename]", name))
-            files.append(text_part("payload[resolutionPlaylistFile]", name, text))
+            files.append(_text_part("payload[resolutionPlaylistFile]", name, text))
         if update.master is not None:
-            files.append(text_part("payload[masterPlaylistFile]", "master.m3u8", update.master))
+            files.append(_text_part("payload[masterPlaylistFile]", "master.m3u8", update.master))
         await self._call(
             "POST",
             self._job_url(job.uuid, "update"),
