@@ -114,7 +114,14 @@ class FakeLive:
 
 
 @contextlib.asynccontextmanager
-async def fake_live(*, list_size: int, seconds: float, via_proxy: bool = False) -> AsyncIterator[FakeLive]:
+async def fake_live(
+    *,
+    list_size: int,
+    seconds: float,
+    via_proxy: bool = False,
+    segment_s: int = 1,
+    resolutions: tuple[int, ...] = (240,),
+) -> AsyncIterator[FakeLive]:
     """240p at 25 fps from a 320x240 stream with audio, `list_size` segments in the window, published for
     `seconds`; the runner talks to the server through a TCP proxy when `via_proxy`."""
     async with contextlib.AsyncExitStack() as stack:
@@ -122,8 +129,8 @@ async def fake_live(*, list_size: int, seconds: float, via_proxy: bool = False) 
         server = LiveServer(
             runner_token="live-runner-token",
             rtmp_url=f"rtmp://127.0.0.1:{relay.port}/live/a-stream-key",
-            to_transcode=[{"resolution": 240, "fps": 25}],
-            segment_duration_s=1,
+            to_transcode=[{"resolution": resolution, "fps": 25} for resolution in resolutions],
+            segment_duration_s=segment_s,
             list_size=list_size,
         )
         await stack.enter_async_context(serving(server))
@@ -273,6 +280,25 @@ def _lags(server: LiveServer, playlist: str) -> dict[str, float]:
         end = start + float(tags["#EXTINF"].rstrip(","))
         lags[segment.name] = server.wall_received[segment.name] - end
     return lags
+
+
+async def test_the_master_comes_with_the_first_segment_of_the_last_rendition(
+    start_runner: StartRunner,
+) -> None:
+    """Two video renditions close their first segments together: the master (which players need first)
+    goes with whichever lands last, not with the next segment 2 s later."""
+    async with fake_live(list_size=4, seconds=5, resolutions=(240, 144)) as live:
+        runner = await start_runner(live.instance, **_fast_polling())
+        server = live.server
+        assert await runner.supervisor.wait_for(lambda: server.ends == ["success"], 30)
+    accepted = [update for update, answer in server.updates if answer.status == 204]
+    first_of = {
+        playlist: next(i for i, u in enumerate(accepted) if u.playlist_name == playlist)
+        for playlist in (AUDIO, VIDEO, "2.m3u8")
+    }
+    with_master = [i for i, update in enumerate(accepted) if update.master is not None]
+    assert with_master == [max(first_of.values())], (first_of, with_master)
+    assert server.problems == []
 
 
 async def test_transient_failures_are_retried_and_no_segment_is_lost(start_runner: StartRunner) -> None:

@@ -131,6 +131,9 @@ class _Rendition:
     # window (an incomplete file).
     first_sequence: int = 0
     sent_any: bool = False
+    # Set once a first segment of this rendition is on its way, and once the server has one.
+    first_started: bool = False
+    first_sent: asyncio.Event = field(default_factory=asyncio.Event)
     busy: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -163,6 +166,7 @@ class LiveSession:
         self.out = ctx.work_dir / "hls"
         self.renditions = [_Rendition(f"{n}.m3u8") for n in range(variant_count(stream, renditions))]
         self.master_sent = False
+        self.first_sends_started = 0
         self.last_segment_at = time.monotonic()
         self.last_delivery_at = time.monotonic()
         self.failure: BaseException | None = None
@@ -381,7 +385,7 @@ class LiveSession:
             self._skip(rendition, segment, f"ffmpeg wrote {size} bytes of it, not whole MPEG-TS packets")
             return
         text = playlist.up_to(segment.name, first_sequence=rendition.first_sequence)
-        master = self._master_to_send(rendition)
+        master = await self._master_to_send(rendition)
         update = LiveChunkUpdate(
             "add-chunk",
             segment.name,
@@ -395,6 +399,7 @@ class LiveSession:
         rendition.queue.popleft()
         rendition.sent.add(segment.name)
         rendition.sent_any = True
+        rendition.first_sent.set()
         if master is not None:
             self.master_sent = True
         listed_at = rendition.listed_at.get(segment.name)
@@ -409,10 +414,22 @@ class LiveSession:
         if segment.name not in rendition.listed:
             rendition.removals.append(segment.name)
 
-    def _master_to_send(self, rendition: _Rendition) -> str | None:
+    async def _master_to_send(self, rendition: _Rendition) -> str | None:
         """ffmpeg's master, with the update that gives the last rendition its first segment (a master
-        naming playlists that answer 404 makes players give up)."""
-        if self.master_sent or not all(r.sent_any or r is rendition for r in self.renditions):
+        naming playlists that answer 404 makes players give up). The renditions' first segments come
+        together: the last one to go waits (a few dozen ms) for the others to land and takes the master,
+        which would otherwise wait for the next segment."""
+        if self.master_sent:
+            return None
+        if not rendition.first_started:
+            rendition.first_started = True
+            self.first_sends_started += 1
+            if self.first_sends_started == len(self.renditions):
+                others = [r.first_sent.wait() for r in self.renditions if r is not rendition]
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.segment_duration_s):
+                        await asyncio.gather(*others)
+        if not all(r.sent_any or r is rendition for r in self.renditions):
             return None
         try:
             text = (self.out / MASTER_PLAYLIST).read_text("utf-8")
