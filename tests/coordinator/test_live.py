@@ -29,7 +29,7 @@ from tests.support.protocol import RUNNERS, admin_headers, register_runner
 from tests.support.servers import RunningCoordinator, serve_coordinator
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.media.binaries import find_ffmpeg
-from tuberunner.protocol.jobs import JobType
+from tuberunner.protocol.jobs import JobState, JobType
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -495,3 +495,30 @@ async def test_a_permanent_live_waits_for_its_next_session_which_starts_afresh(
     first_names = {f"1-{n}" for n in sessions[0].sent}
     assert not list(live_coordinator.coordinator.live.files.folder(video_uuid).glob("1-*.ts"))
     assert first_names.isdisjoint({f"2-{n}" for n in sessions[1].sent})
+
+
+async def test_a_bare_update_is_a_live_heartbeat_and_says_when_the_live_is_not_ours(
+    live_config: CoordinatorConfig, tmp_path: Path
+) -> None:
+    """Our extension (our runner sends it only to a coordinator that pushes take-backs): an update with no
+    payload renews a live job's lease before its first segment, and answers what a segment's would."""
+    config = replace(live_config, lease_s={JobType.LIVE_RTMP_HLS: 2.0})
+    async with (
+        serve_coordinator(config) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as client,
+    ):
+        created = await create_live(client, "heartbeat", resolutions="240")
+        token = await register_runner(client, "live-runner")
+        async with publishing(_publish_url(created), 30):
+            runner = LiveRunner(client, token, tmp_path / "runner")
+            job = await runner.accept((await request_live_job(client, token))["uuid"])
+            url = f"{RUNNERS}/jobs/{job['uuid']}/update"
+            for _ in range(8):  # 4 s of bare heartbeats, twice the lease: the job is still held
+                assert (await client.post(url, json=runner.tokens)).status_code == 204
+                await asyncio.sleep(0.5)
+            row = await running.coordinator.jobs.get(job["uuid"])
+            assert row is not None
+            assert row.state == JobState.PROCESSING
+            cancelled = await client.post(f"{RUNNERS}/jobs/{job['uuid']}/cancel", headers=admin_headers())
+            assert cancelled.status_code == 204
+            assert (await client.post(url, json=runner.tokens)).status_code == 404

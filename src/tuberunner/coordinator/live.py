@@ -428,8 +428,17 @@ class LiveService:
 
     async def update(self, job: Job, fields: Mapping[str, Any], files: Mapping[str, UploadedFile]) -> bool:
         """A live `update` (spec §7.4): checked, then applied unless the job is already past processing.
-        True when it was applied (the caller renews the lease)."""
-        checked = _checked_update(fields.get("payload"), files)
+        True when it was applied (the caller renews the lease).
+
+        An update with no payload and no file is a heartbeat: refused by PeerTube, taken here from runners
+        that know this coordinator pushes take-backs (ours), which renew a live's lease with it before its
+        first segment and ask with it whether a stuck live is still theirs."""
+        payload = fields.get("payload")
+        # Nothing named payload at all (an urlencoded `payload[type]` stays a flat key, as on PeerTube).
+        heartbeat = (
+            payload in (None, {}, "") and not files and not any(k.startswith("payload") for k in fields)
+        )
+        checked = None if heartbeat else _checked_update(payload, files)
         if job.state != JobState.PROCESSING:
             return False
         video_uuid = str(job.private_payload.get("videoUUID"))
@@ -440,6 +449,8 @@ class LiveService:
             or str(live.session) != str(job.private_payload.get("sessionId"))
         ):
             raise BadRequest(SESSION_ENDED, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
+        if checked is None:
+            return True
         attempt = int(job.private_payload.get("attempt", 0))
         try:
             published = self.files.apply(video_uuid, attempt, checked)

@@ -638,26 +638,9 @@ class Supervisor:
 
     def _recheck_jobs(self, worker: InstanceWorker) -> None:
         """Send the next heartbeat of every job held from `worker` now: its answer says if it is ours."""
-        assert self._tg is not None
         for run in self.jobs.values():
-            if run.worker is not worker:
-                continue
-            if run.is_live:
-                if worker.client.pushes_taken_back:
-                    self._tg.create_task(self._check_live(run), name=f"check live {run.job.uuid}")
-            elif run.heartbeat is not None:
+            if run.worker is worker and run.heartbeat is not None:
                 run.heartbeat.poke()
-
-    async def _check_live(self, run: JobRun) -> None:
-        """A live has no heartbeat (PeerTube refuses a live update without a segment), and its ffmpeg may
-        be stuck: a server that pushes take-backs (a Tuberunner coordinator) takes a bare update, whose
-        answer says whether the live is still ours."""
-        try:
-            await run.client.update(run.job)
-        except (JobGone, RunnerUnknown) as exc:
-            run.cancel(CancelReason.GONE, exc.message)
-        except RunnerError as exc:  # the live's own updates tell
-            log.debug("job %s: live check not answered: %s", run.job.uuid, exc.message)
 
     def _retire_worker(self, worker: InstanceWorker, *, removed: bool) -> None:
         for task in worker.tasks:
@@ -1068,8 +1051,13 @@ class Supervisor:
         )
 
     def _start_heartbeat(self, run: JobRun, stack: AsyncExitStack) -> None:
-        """The job's heartbeat, stopped when `stack` closes (its fate is settled). A live job has none: its
-        segment updates are its heartbeat (PeerTube refuses a live update without a segment)."""
+        """The job's heartbeat, stopped when `stack` closes (its fate is settled).
+
+        A live's segment updates are its heartbeat on PeerTube, which refuses a live update without a
+        segment (and gives a live 30 s). A server that pushes take-backs (a Tuberunner coordinator) takes
+        bare updates: there a live gets the usual heartbeat too, which renews its lease before the first
+        segment is out (a segment's length and more after the accept) and asks, on a take-back, even when
+        ffmpeg is stuck and sends nothing."""
         assert self._tg is not None
         run.heartbeat = Heartbeat(
             run.client,
@@ -1083,7 +1071,7 @@ class Supervisor:
             on_answer=lambda: run.delivery.server_answered() if run.delivery is not None else None,
             retry=self.retry,
         )
-        if run.is_live:
+        if run.is_live and not run.client.pushes_taken_back:
             run.heartbeat.stopped = True
             return
         heartbeat_task = self._tg.create_task(
