@@ -530,6 +530,18 @@ def demo(
 
 
 def _run_transcode(options: TranscodeOptionsType) -> int:
+    import gc
+
+    # Start-up (imports, the embedded coordinator and runners) makes objects that live as long as the
+    # process: collecting them is wasted work. `transcode` freezes them and collects again once started.
+    gc.disable()
+    try:
+        return _transcode_in_loop(options)
+    finally:
+        gc.enable()
+
+
+def _transcode_in_loop(options: TranscodeOptionsType) -> int:
     import asyncio
     import signal
 

@@ -97,6 +97,28 @@ def test_transcode_writes_mp4s_hls_storyboard_and_summary(tmp_path: Path, clip: 
     assert all(job["state"] == "Completed" for job in summary["jobs"])
 
 
+def test_outputs_are_the_coordinators_own_files_and_exporting_never_writes_them(
+    tmp_path: Path, clip: Path
+) -> None:
+    # Same machine, same disk: the outputs are linked from the embedded coordinator's storage, not
+    # copied through HTTP; the master playlist, which the export rewrites, is a file of its own.
+    out = tmp_path / "out"
+    result = _run("transcode", str(clip), "-o", str(out), "--resolutions", "144", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    video_uuid = summary["video"]["uuid"]
+    stored = out / ".tuberunner" / "coordinator" / "files" / "videos" / video_uuid
+    # Web videos are named after the input here, after the video in storage; HLS files keep their names.
+    pairs = [(out / w["file"], stored / f"{video_uuid}-{w['resolution']}.mp4") for w in summary["webVideos"]]
+    pairs += [(out / r["file"], stored / Path(r["file"]).name) for r in summary["hls"]["renditions"]]
+    assert len(pairs) == 5  # 180p and 144p, as web videos and HLS renditions, and the audio rendition
+    for exported, kept in pairs:
+        assert os.path.samefile(exported, kept), exported
+    master = out / "hls" / "master.m3u8"
+    assert not os.path.samefile(master, stored / "master.m3u8")
+    assert (stored / "master.m3u8").read_text().startswith("#EXTM3U")
+
+
 def test_an_audio_only_input_gives_outputs_as_long_as_the_audio(tmp_path: Path) -> None:
     # The audio merge makes the top web video; every HLS rendition, the audio-only one included, is made
     # from it and must be as long as the audio (ffmpeg 5.1's -shortest once added 1.5 s of picture to 6 s).

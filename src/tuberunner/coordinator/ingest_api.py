@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, func, insert, select
 from starlette.requests import Request
@@ -702,29 +703,17 @@ def _is_uuid(value: str) -> bool:
 
 
 def _static(folder: str) -> Any:
-    kinds = STATIC_FOLDERS[folder]
-
     async def serve(request: Request) -> Response:
         c = coordinator_of(request)
         filename = str(request.path_params["filename"])
-        if folder == "web-videos":
-            match = _WEB_VIDEO_NAME.match(filename)
-            video_uuid = match.group(1) if match else ""
-        else:
-            video_uuid = str(request.path_params["video_uuid"])
-        if not (_is_uuid(video_uuid) and _STATIC_NAME.match(filename) and ".." not in filename):
-            raise NotFound("File not found")
-        video = await c.videos.by_uuid(video_uuid)
+        video_uuid = _static_video_uuid(folder, filename, request.path_params.get("video_uuid"))
+        video = await c.videos.by_uuid(video_uuid) if video_uuid else None
         if video is None:
             raise NotFound("File not found")
         if folder == "streaming-playlists/hls" and video.options.get("live"):
-            return live_file_response(c, video_uuid, filename, request)
-        file = next(
-            (f for f in await c.videos.files(video.id) if f.kind in kinds and f.name == filename), None
-        )
+            return live_file_response(c, video.uuid, filename, request)
+        file = await _recorded_file(c, video, folder, filename)
         if file is None:
-            raise NotFound("File not found")
-        if not file.path.startswith(video_prefix(video_uuid)):
             raise NotFound("File not found")
         response = await _output_response(c, file.path, request.headers.get("range"))
         response.headers["access-control-allow-origin"] = "*"
@@ -733,6 +722,48 @@ def _static(folder: str) -> Any:
         return response
 
     return serve
+
+
+def _static_video_uuid(folder: str, filename: str, from_path: object) -> str | None:
+    """The video a static URL names (in the web video's file name, else in the path), if well formed."""
+    if folder == "web-videos":
+        match = _WEB_VIDEO_NAME.match(filename)
+        video_uuid = match.group(1) if match else ""
+    else:
+        video_uuid = str(from_path)
+    if not (_is_uuid(video_uuid) and _STATIC_NAME.match(filename) and ".." not in filename):
+        return None
+    return video_uuid
+
+
+async def _recorded_file(c: Coordinator, video: Video, folder: str, filename: str) -> VideoFile | None:
+    """The file of `video` a static URL serves: recorded, of a kind that folder serves, in its folder."""
+    kinds = STATIC_FOLDERS[folder]
+    files = await c.videos.files(video.id)
+    file = next((f for f in files if f.kind in kinds and f.name == filename), None)
+    if file is None or not file.path.startswith(video_prefix(video.uuid)):
+        return None
+    return file
+
+
+async def published_file(c: Coordinator, url: str) -> VideoFile | None:
+    """The recorded file that the public URL `url` (`/static/...`, see `video_outputs`) serves; None when
+    it serves none (a live's HLS files are not recorded files)."""
+    path = urlsplit(url).path
+    for folder in STATIC_FOLDERS:
+        prefix = f"/static/{folder}/"
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix) :].split("/")
+        filename, from_path = (parts[0], None) if folder == "web-videos" else (parts[-1], parts[0])
+        if len(parts) != (1 if folder == "web-videos" else 2):
+            return None
+        video_uuid = _static_video_uuid(folder, filename, from_path)
+        video = await c.videos.by_uuid(video_uuid) if video_uuid else None
+        if video is None or video.options.get("live"):
+            return None
+        return await _recorded_file(c, video, folder, filename)
+    return None
 
 
 async def _output_response(c: Coordinator, key: str, range_header: str | None) -> Response:

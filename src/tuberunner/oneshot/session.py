@@ -7,6 +7,7 @@ same command run again finds the video it submitted and only does the jobs that 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -23,10 +24,13 @@ import httpx
 from sqlalchemy import select
 
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.context import Coordinator
 from tuberunner.coordinator.embedded import Embedded, embedded_coordinator
+from tuberunner.coordinator.ingest_api import published_file
 from tuberunner.coordinator.schema import runners as runners_table
+from tuberunner.coordinator.storage.local import LocalStorage
 from tuberunner.media.errors import FfmpegUnavailable
-from tuberunner.oneshot.export import ExportResult, export_outputs
+from tuberunner.oneshot.export import ExportResult, LocalFiles, export_outputs
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
 from tuberunner.runner.daemon import build_supervisor, encode_cache, processing_settings
 from tuberunner.runner.supervisor import Supervisor
@@ -34,7 +38,11 @@ from tuberunner.runner.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".tuberunner"
-_POLL_S = 0.5
+# The video is read again on every job transition (at most every `_CHANGE_POLL_S`: transitions come in
+# bursts), and every `_PROGRESS_POLL_S` for the progress of running jobs: each detailed read costs CPU that
+# the encodes need, and a transition is what ends the run.
+_PROGRESS_POLL_S = 1.0
+_CHANGE_POLL_S = 0.1
 _FINAL_STATES = frozenset({"published", "failed", "cancelled"})
 
 
@@ -167,12 +175,18 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
             )
         )
         supervisors = await _start_runners(embedded, runner_config, settings, state_dir, options.runners)
+        changed = _job_changes(embedded)
+        if not gc.isenabled():
+            # The CLI started us without collections: what start-up made lives until the end, and is
+            # kept out of every later collection.
+            gc.freeze()
+            gc.enable()
         async with _running(supervisors):
             video_uuid, resumed = await _submit_or_resume(http, options, state_dir)
-            video, done_before = await _follow(http, video_uuid, observe, stop)
+            video, done_before = await _follow(http, video_uuid, observe, stop, changed)
         if video["state"] != "published" or _attachments(video, "failed", "cancelled"):
             raise TranscodeError(_failure_message(video))
-        export = await export_outputs(http, video, options.output)
+        export = await export_outputs(http, video, options.output, _stored_output(embedded.coordinator))
     return TranscodeResult(
         video=video,
         export=export,
@@ -180,6 +194,21 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
         elapsed_s=time.monotonic() - started,
         jobs_done_before=done_before,
     )
+
+
+def _stored_output(coordinator: Coordinator) -> LocalFiles:
+    """The embedded coordinator's own copy of the output a URL serves, when its storage is this disk."""
+
+    @asynccontextmanager
+    async def local(url: str) -> AsyncIterator[Path | None]:
+        file = await published_file(coordinator, url)
+        if file is None or not isinstance(coordinator.storage, LocalStorage):
+            yield None
+            return
+        async with coordinator.storage.local_file(file.path) as path:
+            yield path
+
+    return local
 
 
 def _with_transcription(config: RunnerConfig, model: str | None) -> RunnerConfig:
@@ -297,11 +326,33 @@ async def _submit_or_resume(
     return video_uuid, False
 
 
+def _job_changes(embedded: Embedded) -> asyncio.Event:
+    """An event set on every committed job transition of the embedded coordinator."""
+    event = asyncio.Event()
+    jobs = embedded.coordinator.jobs
+    chained = jobs.on_change
+
+    def changed() -> None:
+        event.set()
+        if chained is not None:
+            chained()
+
+    jobs.on_change = changed
+    return event
+
+
 async def _follow(
-    http: httpx.AsyncClient, video_uuid: str, observe: Observer, stop: asyncio.Event
+    http: httpx.AsyncClient,
+    video_uuid: str,
+    observe: Observer,
+    stop: asyncio.Event,
+    changed: asyncio.Event,
 ) -> tuple[dict[str, Any], int]:
     done_before: int | None = None
+    loop = asyncio.get_running_loop()
     while True:
+        read_at = loop.time()
+        changed.clear()
         answer = await http.get(f"/api/v1/videos/{video_uuid}", params={"details": "true"})
         if answer.status_code != 200:
             raise TranscodeError(_problem(answer, "the coordinator lost the video"))
@@ -313,11 +364,25 @@ async def _follow(
         if video["state"] in _FINAL_STATES and not _attachments(video, "pending"):
             return video, done_before
         _check_runnable(video)
-        try:
-            await asyncio.wait_for(stop.wait(), _POLL_S)
-        except TimeoutError:
-            continue
-        raise TranscodeError("interrupted; run the same command again to resume", exit_code=130)
+        if await _stopped_before_next_read(stop, changed, read_at):
+            raise TranscodeError("interrupted; run the same command again to resume", exit_code=130)
+
+
+async def _stopped_before_next_read(stop: asyncio.Event, changed: asyncio.Event, read_at: float) -> bool:
+    """Wait until the video is worth reading again (a job transition, or the progress interval); True
+    when `stop` is set meanwhile."""
+    loop = asyncio.get_running_loop()
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=_PROGRESS_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if stop.is_set():
+        return True
+    # Transitions come in bursts (a completion, the children it frees, their accepts): one read for all.
+    await asyncio.sleep(max(0.0, read_at + _CHANGE_POLL_S - loop.time()))
+    return stop.is_set()
 
 
 def _attachments(video: dict[str, Any], *states: str) -> list[dict[str, Any]]:
