@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -97,17 +98,19 @@ def test_transcode_writes_mp4s_hls_storyboard_and_summary(tmp_path: Path, clip: 
     assert all(job["state"] == "Completed" for job in summary["jobs"])
 
 
-def test_outputs_are_the_coordinators_own_files_and_exporting_never_writes_them(
-    tmp_path: Path, clip: Path
-) -> None:
-    # Same machine, same disk: the outputs are linked from the embedded coordinator's storage, not
-    # copied through HTTP; the master playlist, which the export rewrites, is a file of its own.
+def test_on_one_disk_the_input_and_outputs_are_linked_not_sent_over_http(tmp_path: Path, clip: Path) -> None:
+    # Same machine, same disk: the input is linked into the embedded coordinator's storage and the
+    # outputs out of it, not copied through HTTP; the master playlist, which the export rewrites, is a
+    # file of its own, so exporting never writes the coordinator's files.
+    source = tmp_path / "input.mp4"
+    shutil.copyfile(clip, source)  # on the output's disk, wherever the clip is
     out = tmp_path / "out"
-    result = _run("transcode", str(clip), "-o", str(out), "--resolutions", "144", cwd=tmp_path)
+    result = _run("transcode", str(source), "-o", str(out), "--resolutions", "144", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     video_uuid = summary["video"]["uuid"]
     stored = out / ".tuberunner" / "coordinator" / "files" / "videos" / video_uuid
+    assert os.path.samefile(stored / "source.mp4", source)
     # Web videos are named after the input here, after the video in storage; HLS files keep their names.
     pairs = [(out / w["file"], stored / f"{video_uuid}-{w['resolution']}.mp4") for w in summary["webVideos"]]
     pairs += [(out / r["file"], stored / Path(r["file"]).name) for r in summary["hls"]["renditions"]]

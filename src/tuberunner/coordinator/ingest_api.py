@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tuberunner.coordinator.bodies import UploadedFile, read_body
+from tuberunner.coordinator.bodies import Body, UploadedFile, read_body
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
 from tuberunner.coordinator.file_responses import redirect_response, stored_file_response
@@ -129,30 +129,38 @@ async def upload_video(request: Request) -> Response:
         max_upload_bytes=limit,
         file_fields=_FILE_FIELDS,
     ) as body:
-        upload = body.files.get("videofile")
-        if upload is None:
-            raise invalid_params(["videofile"], {"videofile": "A video or audio file is required"})
-        options = parse_options(c.config, body.fields)
-        name = _video_name(body.fields, upload.filename)
-        info = await _probe_upload(upload.path, "videofile")
-        preview = body.files.get("previewfile")
-        preview_info = await _probe_upload(preview.path, "previewfile") if preview is not None else None
-        if preview_info is not None and preview_info.video is None:
-            raise BadRequest("previewfile is not an image")
-        edits, task_files = await _studio_request(body.fields, body.files, info)
-        video_uuid = str(uuidlib.uuid4())
-        try:
-            specs = build_job_graph(video_uuid, info, options)
-        except ValueError as exc:
-            raise BadRequest(f"Cannot transcode this file: {exc}") from exc
-        if edits.any:
-            # The graph above is made again from the edited file when the studio job completes.
-            specs = [studio_job(video_uuid, edits)]
-        video_id = await _store(
-            c, video_uuid, name, upload, info, preview, options, specs, edits=edits, task_files=task_files
-        )
-    log.info("video %s (%s) ingested with %d job(s)", video_uuid, name, len(specs))
+        video_id, video_uuid = await ingest(c, body)
     return JSONResponse({"video": {"id": video_id, "uuid": video_uuid}})
+
+
+async def ingest(c: Coordinator, body: Body) -> tuple[int, str]:
+    """A new video (id, uuid) from the fields and files of an upload (files spooled in the uploads folder:
+    those kept are claimed); a Problem (400 naming what is wrong) otherwise. The one-shot mode calls this
+    with its input file (`bodies.local_body`), the upload endpoint with what it received."""
+    upload = body.files.get("videofile")
+    if upload is None:
+        raise invalid_params(["videofile"], {"videofile": "A video or audio file is required"})
+    options = parse_options(c.config, body.fields)
+    name = _video_name(body.fields, upload.filename)
+    info = await _probe_upload(upload.path, "videofile")
+    preview = body.files.get("previewfile")
+    preview_info = await _probe_upload(preview.path, "previewfile") if preview is not None else None
+    if preview_info is not None and preview_info.video is None:
+        raise BadRequest("previewfile is not an image")
+    edits, task_files = await _studio_request(body.fields, body.files, info)
+    video_uuid = str(uuidlib.uuid4())
+    try:
+        specs = build_job_graph(video_uuid, info, options)
+    except ValueError as exc:
+        raise BadRequest(f"Cannot transcode this file: {exc}") from exc
+    if edits.any:
+        # The graph above is made again from the edited file when the studio job completes.
+        specs = [studio_job(video_uuid, edits)]
+    video_id = await _store(
+        c, video_uuid, name, upload, info, preview, options, specs, edits=edits, task_files=task_files
+    )
+    log.info("video %s (%s) ingested with %d job(s)", video_uuid, name, len(specs))
+    return video_id, video_uuid
 
 
 async def _probe_upload(path: Path, field: str) -> MediaInfo:

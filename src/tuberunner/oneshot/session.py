@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,14 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from tuberunner.coordinator.bodies import local_body
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator
 from tuberunner.coordinator.embedded import Embedded, embedded_coordinator
-from tuberunner.coordinator.ingest_api import published_file
+from tuberunner.coordinator.ingest_api import ingest, published_file
+from tuberunner.coordinator.problems import Problem
 from tuberunner.coordinator.schema import runners as runners_table
+from tuberunner.coordinator.storage import StorageError
 from tuberunner.coordinator.storage.local import LocalStorage
 from tuberunner.media.errors import FfmpegUnavailable
 from tuberunner.oneshot.export import ExportResult, LocalFiles, export_outputs
@@ -182,7 +185,7 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
             gc.freeze()
             gc.enable()
         async with _running(supervisors):
-            video_uuid, resumed = await _submit_or_resume(http, options, state_dir)
+            video_uuid, resumed = await _submit_or_resume(http, embedded.coordinator, options, state_dir)
             video, done_before = await _follow(http, video_uuid, observe, stop, changed)
         if video["state"] != "published" or _attachments(video, "failed", "cancelled"):
             raise TranscodeError(_failure_message(video))
@@ -279,7 +282,7 @@ async def _running(supervisors: list[Supervisor]) -> AsyncIterator[None]:
 
 
 async def _submit_or_resume(
-    http: httpx.AsyncClient, options: TranscodeOptions, state_dir: Path
+    http: httpx.AsyncClient, coordinator: Coordinator, options: TranscodeOptions, state_dir: Path
 ) -> tuple[str, bool]:
     record = state_dir / "submissions.json"
     known: dict[str, str] = json.loads(record.read_text()) if record.exists() else {}
@@ -304,21 +307,17 @@ async def _submit_or_resume(
             fields["cutStart"] = f"{start:g}"
         if end is not None:
             fields["cutEnd"] = f"{end:g}"
-    with ExitStack() as opened:
-        parts = {"videofile": (options.input.name, opened.enter_context(options.input.open("rb")))}
-        for upload_field, path in options.studio_files().items():
-            parts[upload_field] = (path.name, opened.enter_context(path.open("rb")))
-        answer = await http.post(
-            "/api/v1/videos",
-            data=fields,
-            files={
-                name: (filename, handle, "application/octet-stream")
-                for name, (filename, handle) in parts.items()
-            },
-        )
-    if answer.status_code != 200:
-        raise TranscodeError(_problem(answer, f"cannot take {options.input}"))
-    video_uuid = str(answer.json()["video"]["uuid"])
+    files = {"videofile": options.input, **options.studio_files()}
+    # The coordinator shares this disk: the files are linked into its uploads, not sent over HTTP.
+    try:
+        async with local_body(
+            coordinator.uploads_dir, fields, files, max_upload_bytes=coordinator.config.max_upload_bytes
+        ) as body:
+            _, video_uuid = await ingest(coordinator, body)
+    except Problem as exc:
+        raise TranscodeError(f"cannot take {options.input}: {exc.detail}") from exc
+    except (StorageError, OSError) as exc:
+        raise TranscodeError(f"cannot take {options.input}: {exc}") from exc
     known[key] = video_uuid
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(known, indent=2))
