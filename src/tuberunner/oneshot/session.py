@@ -33,6 +33,7 @@ from tuberunner.coordinator.schema import runners as runners_table
 from tuberunner.coordinator.storage import StorageError
 from tuberunner.coordinator.storage.local import LocalStorage
 from tuberunner.media.errors import FfmpegUnavailable
+from tuberunner.oneshot.disk import EmbeddedDisk
 from tuberunner.oneshot.export import ExportResult, LocalFiles, export_outputs
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
 from tuberunner.runner.daemon import build_supervisor, encode_cache, processing_settings
@@ -261,6 +262,7 @@ async def _start_runners(
                 work_dir=folder / "jobs",
                 inputs_dir=folder / "inputs",
                 encodes=encodes,
+                shared_disk=EmbeddedDisk(c, token),
             )
         )
     return supervisors
