@@ -42,11 +42,12 @@ from tuberunner.runner.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".tuberunner"
-# The video is read again on every job transition (at most every `_CHANGE_POLL_S`: transitions come in
-# bursts), and every `_PROGRESS_POLL_S` for the progress of running jobs: each detailed read costs CPU that
-# the encodes need, and a transition is what ends the run.
+# The video is read again once job transitions pause for `_QUIET_S` (they come in bursts: a completion, the
+# jobs it frees, their accepts; the last one of all ends the run), and every `_PROGRESS_POLL_S` for the
+# progress of running jobs. A detailed read takes tens of ms of the event loop the runners and the
+# coordinator share: it is not made while they are busy passing jobs along.
 _PROGRESS_POLL_S = 1.0
-_CHANGE_POLL_S = 0.1
+_QUIET_S = 0.05
 _FINAL_STATES = frozenset({"published", "failed", "cancelled"})
 
 
@@ -370,20 +371,25 @@ async def _follow(
 
 
 async def _stopped_before_next_read(stop: asyncio.Event, changed: asyncio.Event, read_at: float) -> bool:
-    """Wait until the video is worth reading again (a job transition, or the progress interval); True
-    when `stop` is set meanwhile."""
+    """Wait until the video is worth reading again (see `_QUIET_S`); True when `stop` is set meanwhile."""
     loop = asyncio.get_running_loop()
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=_PROGRESS_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    if stop.is_set():
-        return True
-    # Transitions come in bursts (a completion, the children it frees, their accepts): one read for all.
-    await asyncio.sleep(max(0.0, read_at + _CHANGE_POLL_S - loop.time()))
-    return stop.is_set()
+    deadline = read_at + _PROGRESS_POLL_S
+    quiet_until: float | None = None
+    while not stop.is_set():
+        now = loop.time()
+        if changed.is_set():
+            changed.clear()
+            quiet_until = now + _QUIET_S
+        until = deadline if quiet_until is None else min(deadline, quiet_until)
+        if now >= until:
+            return False
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=until - now, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+    return True
 
 
 def _attachments(video: dict[str, Any], *states: str) -> list[dict[str, Any]]:
