@@ -530,6 +530,23 @@ def demo(
 
 
 def _run_transcode(options: TranscodeOptionsType) -> int:
+    import gc
+    import threading
+
+    from tuberunner.media.probe_client import start_probe_server
+
+    # The probe server imports PyAV in a process of its own, while this one imports the rest.
+    threading.Thread(target=start_probe_server, name="probe-server-start", daemon=True).start()
+    # Start-up (imports, the embedded coordinator and runners) makes objects that live as long as the
+    # process: collecting them is wasted work. `transcode` freezes them and collects again once started.
+    gc.disable()
+    try:
+        return _transcode_in_loop(options)
+    finally:
+        gc.enable()
+
+
+def _transcode_in_loop(options: TranscodeOptionsType) -> int:
     import asyncio
     import signal
 

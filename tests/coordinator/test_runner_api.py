@@ -18,6 +18,8 @@ from tests.support.protocol import store_video_file
 from tests.support.results import result_parts
 from tests.support.servers import RunningCoordinator
 from tuberunner.coordinator.models import JobSpec
+from tuberunner.coordinator.problems import Forbidden, NotFound
+from tuberunner.coordinator.runner_api import runner_input
 from tuberunner.protocol.jobs import JOBS_TAKEN_BACK_EVENT, PUSHES_HEADER, JobState, JobType
 from tuberunner.runner.client import InstanceClient
 from tuberunner.runner.job import AcceptedJob
@@ -748,6 +750,32 @@ async def test_input_download_returns_the_source_bytes_and_honours_range(env: En
         headers={"Range": f"bytes={len(seeded.source_bytes)}-"},
     )
     assert beyond.status_code == 416
+
+
+async def test_a_runner_of_this_process_gets_an_input_file_after_the_download_checks(env: Env) -> None:
+    # The one-shot mode's runners read inputs where they lie (`runner_input`), with the same answers
+    # as the download endpoint: the job's tokens first, then the video, then the file.
+    token = await env.register("r")
+    seeded = await env.seed()
+    other = await env.seed()
+    jt = await env.accept(token, seeded.parent)
+    url = env.running.url + FILES.format(job=seeded.parent, video=seeded.video_uuid) + "/max-quality"
+
+    file = await runner_input(env.c, url, token, jt)
+
+    async with env.c.storage.local_file(file.path) as path:
+        assert path.read_bytes() == seeded.source_bytes
+    with pytest.raises(NotFound, match="Unknown runner job"):
+        await runner_input(env.c, url, token, "ptrjt-not-this-one")
+    with pytest.raises(NotFound, match="Unknown runner job"):
+        await runner_input(env.c, url, await env.register("another"), jt)
+    with pytest.raises(Forbidden):
+        await runner_input(env.c, url.replace(seeded.video_uuid, other.video_uuid), token, jt)
+    with pytest.raises(NotFound, match="Video not found"):
+        await runner_input(env.c, url.replace("/files/videos/", "/not-files/"), token, jt)
+    waiting = FILES.format(job=seeded.children[0], video=seeded.video_uuid) + "/max-quality"
+    with pytest.raises(NotFound, match="Unknown runner job"):
+        await runner_input(env.c, waiting, token, jt)
 
 
 def short_uuid(value: str) -> str:

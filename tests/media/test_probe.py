@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import textwrap
@@ -135,8 +136,14 @@ async def _run(ffmpeg: Path, *args: str) -> int:
     return await process.wait()
 
 
-def _fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
-    (tmp_path / "fake_probe_worker.py").write_text(textwrap.dedent(body))
+def _fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, main_body: str) -> None:
+    """A worker module whose `main(argv)` runs `main_body` (what the fork server's children call; run as
+    `python -m` too, as a probe without the server does)."""
+    body = "import os, signal, sys, time\n\n\ndef main(argv):\n" + textwrap.indent(
+        textwrap.dedent(main_body), "    "
+    )
+    body += "\n\nif __name__ == '__main__':\n    sys.exit(main(sys.argv))\n"
+    (tmp_path / "fake_probe_worker.py").write_text(body)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setattr(probe_module, "_WORKER_MODULE", "fake_probe_worker")
 
@@ -144,9 +151,18 @@ def _fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> 
 async def test_a_crashing_probe_is_a_probe_error(
     sample_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _fake_worker(tmp_path, monkeypatch, f"import os\nos.kill(os.getpid(), {int(signal.SIGSEGV)})\n")
+    _fake_worker(tmp_path, monkeypatch, "os.kill(os.getpid(), signal.SIGSEGV)")
 
     with pytest.raises(ProbeError, match="killed by SIGSEGV"):
+        await probe(sample_clip)
+
+
+async def test_a_probe_that_raises_is_a_probe_error_naming_the_cause(
+    sample_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_worker(tmp_path, monkeypatch, "raise RuntimeError('libav went wrong')")
+
+    with pytest.raises(ProbeError, match=r"\(exit code 1\): RuntimeError: libav went wrong"):
         await probe(sample_clip)
 
 
@@ -158,7 +174,6 @@ async def test_a_hanging_probe_is_killed_after_the_timeout(
         tmp_path,
         monkeypatch,
         f"""
-        import os, time
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(60)
         """,
@@ -170,6 +185,118 @@ async def test_a_hanging_probe_is_killed_after_the_timeout(
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_a_cancelled_probe_leaves_no_process(
+    sample_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid_file = tmp_path / "pid"
+    _fake_worker(
+        tmp_path,
+        monkeypatch,
+        f"""
+        open({str(pid_file)!r} + ".part", "w").write(str(os.getpid()))
+        os.replace({str(pid_file)!r} + ".part", {str(pid_file)!r})
+        time.sleep(60)
+        """,
+    )
+    task = asyncio.create_task(probe(sample_clip))
+    while not pid_file.exists():
+        await asyncio.sleep(0.01)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    pid = int(pid_file.read_text())
+    await _until_gone(pid)
+
+
+async def test_probes_are_forked_by_one_server_not_by_the_caller(
+    sample_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each probe has a process of its own, forked by the server: none is a child of the caller.
+    _fake_worker(
+        tmp_path,
+        monkeypatch,
+        """
+        import json
+        print(json.dumps({"ok": False, "error": f"{os.getpid()} {os.getppid()}"}))
+        return 0
+        """,
+    )
+
+    seen = []
+    for _ in range(2):
+        with pytest.raises(ProbeError) as raised:
+            await probe(sample_clip)
+        pid, parent = map(int, str(raised.value).split(": ", 1)[1].split())
+        seen.append((pid, parent))
+
+    (first, server), (second, same_server) = seen
+    assert first != second
+    assert server == same_server != os.getpid()
+
+
+async def test_a_killed_server_is_replaced_and_probing_goes_on(
+    sample_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_worker(
+        tmp_path,
+        monkeypatch,
+        """
+        import json
+        print(json.dumps({"ok": False, "error": str(os.getppid())}))
+        return 0
+        """,
+    )
+    with pytest.raises(ProbeError) as raised:
+        await probe(sample_clip)
+    server = int(str(raised.value).rsplit(" ", 1)[1])
+    assert server != os.getpid()
+
+    os.kill(server, signal.SIGKILL)
+    await _until_gone(server, reap=False)
+    with pytest.raises(ProbeError) as raised:
+        await probe(sample_clip)
+
+    replacement = int(str(raised.value).rsplit(" ", 1)[1])
+    assert replacement not in (server, os.getpid())
+
+
+async def test_without_a_server_each_probe_runs_in_a_process_of_its_own(
+    sample_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker module that the server cannot import (here: on purpose) still probes, one process each.
+    _fake_worker(
+        tmp_path,
+        monkeypatch,
+        """
+        import json
+        print(json.dumps({"ok": False, "error": str(os.getppid())}))
+        return 0
+        """,
+    )
+    module = tmp_path / "fake_probe_worker.py"
+    module.write_text("if __name__ != '__main__':\n    raise ImportError('not here')\n" + module.read_text())
+
+    with pytest.raises(ProbeError) as raised:
+        await probe(sample_clip)
+
+    assert int(str(raised.value).rsplit(" ", 1)[1]) == os.getpid()
+
+
+async def _until_gone(pid: int, *, reap: bool = True) -> None:
+    """Wait until `pid` no longer exists (a killed process disappears once its parent reaped it)."""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                if not reap and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+                os.kill(pid, 0)
+            except (ProcessLookupError, FileNotFoundError):
+                return
+            await asyncio.sleep(0.01)
 
 
 def _info(video: VideoInfo | None, audio: AudioInfo | None) -> MediaInfo:

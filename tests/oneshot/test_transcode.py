@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -95,6 +96,42 @@ def test_transcode_writes_mp4s_hls_storyboard_and_summary(tmp_path: Path, clip: 
     assert (out / "storyboard.jpg").stat().st_size > 0
     assert summary["storyboards"][0]["file"] == "storyboard.jpg"
     assert all(job["state"] == "Completed" for job in summary["jobs"])
+
+
+def test_on_one_disk_the_input_and_outputs_are_linked_not_sent_over_http(tmp_path: Path, clip: Path) -> None:
+    # Same machine, same disk: the input is linked into the embedded coordinator's storage, from there
+    # into the runners' inputs, the runners' results into storage and the outputs out of it, never
+    # copied through HTTP; the master playlist, which the export rewrites, is a file of its own, so
+    # exporting never writes the coordinator's files.
+    source = tmp_path / "input.mp4"
+    shutil.copyfile(clip, source)  # on the output's disk, wherever the clip is
+    out = tmp_path / "out"
+    result = _run("transcode", str(source), "-o", str(out), "--resolutions", "144", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    video_uuid = summary["video"]["uuid"]
+    stored = out / ".tuberunner" / "coordinator" / "files" / "videos" / video_uuid
+    assert os.path.samefile(stored / "source.mp4", source)
+    runners = out / ".tuberunner" / "runners"
+    # What the runners still hold of `max-quality` (the source, then the top web video once made).
+    taken = list(runners.glob("one-shot-*/inputs/ci-*max-quality*"))
+    assert taken
+    for path in taken:
+        assert any(os.path.samefile(path, file) for file in stored.iterdir()), path
+    # The ladder's rungs, kept by the runner that made them, are what storage holds.
+    kept = list((runners / "encodes").glob("ce-*"))
+    for web in summary["webVideos"]:
+        made = stored / f"{video_uuid}-{web['resolution']}.mp4"
+        assert any(os.path.samefile(made, path) for path in kept), made
+    # Web videos are named after the input here, after the video in storage; HLS files keep their names.
+    pairs = [(out / w["file"], stored / f"{video_uuid}-{w['resolution']}.mp4") for w in summary["webVideos"]]
+    pairs += [(out / r["file"], stored / Path(r["file"]).name) for r in summary["hls"]["renditions"]]
+    assert len(pairs) == 5  # 180p and 144p, as web videos and HLS renditions, and the audio rendition
+    for exported, kept in pairs:
+        assert os.path.samefile(exported, kept), exported
+    master = out / "hls" / "master.m3u8"
+    assert not os.path.samefile(master, stored / "master.m3u8")
+    assert (stored / "master.m3u8").read_text().startswith("#EXTM3U")
 
 
 def test_an_audio_only_input_gives_outputs_as_long_as_the_audio(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 from tests.runner.fixtures_media import FAST, Env, proxied_env, video_url
 from tests.support.servers import RunningCoordinator
 from tests.support.tcp_proxy import Plan
+from tuberunner.oneshot.disk import EmbeddedDisk
 from tuberunner.runner.errors import JobGone
 from tuberunner.runner.input_cache import CacheKey, InputCache
 from tuberunner.runner.job import AcceptedJob
@@ -228,3 +229,59 @@ class _NoSource:
         self, url: str, job: AcceptedJob, offset: int
     ) -> AbstractAsyncContextManager[httpx.Response]:
         raise AssertionError("no download expected")
+
+
+# ------------------------------------------------------------------ a shared disk (the one-shot mode)
+
+
+def shared_disk(env: Env, coordinator: RunningCoordinator) -> EmbeddedDisk:
+    return EmbeddedDisk(coordinator.coordinator, env.seeder.runner_token)
+
+
+async def test_on_a_shared_disk_inputs_are_linked_and_checked_again_before_a_reuse(
+    env: Env, coordinator: RunningCoordinator, folder: Path
+) -> None:
+    parent, child, video_id, video_uuid = await two_jobs_of_one_video(env)
+    cache = InputCache(
+        env.inputs, folder, max_bytes=10 * SIZE, limits=FAST, shared_disk=shared_disk(env, coordinator)
+    )
+    async with cache.inputs_for(parent) as fetch_parent:
+        original = await fetch_parent(video_url(parent))
+        assert original.read_bytes() == DATA
+        assert original.stat().st_nlink > 1  # the coordinator's file itself, not a copy
+        assert (cache.stats.linked, cache.stats.downloads) == (1, 0)
+        assert env.proxy.stats.bytes_down < 10_000  # the accepts' answers: no file crossed HTTP
+        # `max-quality` becomes another file (the parent's output, as on its success).
+        optimized = os.urandom(SIZE // 2)
+        await env.seeder.put(
+            video_id, video_uuid, "web-video", "optimized-240.mp4", optimized, resolution=240
+        )
+        async with cache.inputs_for(child) as fetch_child:
+            fresh = await fetch_child(video_url(child))
+            assert fresh.read_bytes() == optimized
+            assert original.read_bytes() == DATA  # what the parent holds stays as it was
+    assert (cache.stats.linked, cache.stats.stale, cache.stats.downloads) == (2, 1, 0)
+    assert not original.exists()
+    assert cache_files(folder) == [fresh.name]
+
+
+async def test_on_a_shared_disk_an_input_of_another_runners_job_is_downloaded(
+    env: Env, coordinator: RunningCoordinator, folder: Path
+) -> None:
+    # The coordinator hands a file over only with the job's own tokens: a job this runner does not hold
+    # (here: the disk of another runner token) gets the coordinator's answer over HTTP, as ever.
+    job = await env.job(DATA)
+    other = await env.seeder.c.runners.create_registration_token()
+    _, other_token = await coordinator.coordinator.runners.register(other, "other", "", None, "127.0.0.1")
+    cache = InputCache(
+        env.inputs,
+        folder,
+        max_bytes=10 * SIZE,
+        limits=FAST,
+        shared_disk=EmbeddedDisk(coordinator.coordinator, other_token),
+    )
+    async with cache.inputs_for(job) as fetch:
+        path = await fetch(video_url(job))
+        assert path.read_bytes() == DATA
+        assert path.stat().st_nlink == 1
+    assert (cache.stats.linked, cache.stats.downloads) == (0, 1)

@@ -4,15 +4,19 @@ Multipart file parts go straight into `uploads_dir` under random names, so a 10 
 memory and a client's file name never reaches the file system. Text fields with bracket names
 (`payload[type]`) become nested objects, as PeerTube's multer does. Whatever the handler does not claim is
 deleted when the `async with` block ends, so a rejected or truncated request leaves nothing behind.
+`local_body` makes the same of files already on this disk (the one-shot mode's input), without HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+import shutil
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +76,37 @@ async def read_body(
             body.fields = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
         else:
             raise UnsupportedMediaType(f"Unsupported content type: {content_type.decode('latin-1')}")
+        _check_text(body.fields)
+        yield body
+    finally:
+        for upload in body.files.values():
+            if not upload.claimed:
+                upload.path.unlink(missing_ok=True)
+
+
+@asynccontextmanager
+async def local_body(
+    uploads_dir: Path, fields: dict[str, Any], files: Mapping[str, Path], *, max_upload_bytes: int
+) -> AsyncIterator[Body]:
+    """A Body of files already on the coordinator's disk (the one-shot mode's own input), as `read_body`
+    gives an upload: each file hard-linked (else copied, in the kernel) into `uploads_dir` instead of
+    streamed through HTTP; those not claimed are removed on exit. The file is never written to: storage
+    renames, so a link is as good as a copy."""
+    body = Body(fields=dict(fields))
+    try:
+        for field_name, source in files.items():
+            size = source.stat().st_size
+            if size > max_upload_bytes:
+                raise PayloadTooLarge(f"Upload is larger than {max_upload_bytes} bytes")
+            uploads_dir.mkdir(parents=True, exist_ok=True)
+            path = uploads_dir / f"upload-{secrets.token_hex(16)}"
+            try:
+                os.link(source, path)
+            except OSError:  # another file system, or links not allowed here
+                await asyncio.to_thread(shutil.copyfile, source, path)
+            body.files[field_name] = UploadedFile(
+                path=path, filename=source.name, content_type="application/octet-stream", size=size
+            )
         _check_text(body.fields)
         yield body
     finally:

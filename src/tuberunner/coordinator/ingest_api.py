@@ -43,13 +43,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, func, insert, select
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tuberunner.coordinator.bodies import UploadedFile, read_body
+from tuberunner.coordinator.bodies import Body, UploadedFile, read_body
 from tuberunner.coordinator.config import CoordinatorConfig
 from tuberunner.coordinator.context import Coordinator, base_url_of, coordinator_of
 from tuberunner.coordinator.file_responses import redirect_response, stored_file_response
@@ -128,30 +129,38 @@ async def upload_video(request: Request) -> Response:
         max_upload_bytes=limit,
         file_fields=_FILE_FIELDS,
     ) as body:
-        upload = body.files.get("videofile")
-        if upload is None:
-            raise invalid_params(["videofile"], {"videofile": "A video or audio file is required"})
-        options = parse_options(c.config, body.fields)
-        name = _video_name(body.fields, upload.filename)
-        info = await _probe_upload(upload.path, "videofile")
-        preview = body.files.get("previewfile")
-        preview_info = await _probe_upload(preview.path, "previewfile") if preview is not None else None
-        if preview_info is not None and preview_info.video is None:
-            raise BadRequest("previewfile is not an image")
-        edits, task_files = await _studio_request(body.fields, body.files, info)
-        video_uuid = str(uuidlib.uuid4())
-        try:
-            specs = build_job_graph(video_uuid, info, options)
-        except ValueError as exc:
-            raise BadRequest(f"Cannot transcode this file: {exc}") from exc
-        if edits.any:
-            # The graph above is made again from the edited file when the studio job completes.
-            specs = [studio_job(video_uuid, edits)]
-        video_id = await _store(
-            c, video_uuid, name, upload, info, preview, options, specs, edits=edits, task_files=task_files
-        )
-    log.info("video %s (%s) ingested with %d job(s)", video_uuid, name, len(specs))
+        video_id, video_uuid = await ingest(c, body)
     return JSONResponse({"video": {"id": video_id, "uuid": video_uuid}})
+
+
+async def ingest(c: Coordinator, body: Body) -> tuple[int, str]:
+    """A new video (id, uuid) from the fields and files of an upload (files spooled in the uploads folder:
+    those kept are claimed); a Problem (400 naming what is wrong) otherwise. The one-shot mode calls this
+    with its input file (`bodies.local_body`), the upload endpoint with what it received."""
+    upload = body.files.get("videofile")
+    if upload is None:
+        raise invalid_params(["videofile"], {"videofile": "A video or audio file is required"})
+    options = parse_options(c.config, body.fields)
+    name = _video_name(body.fields, upload.filename)
+    info = await _probe_upload(upload.path, "videofile")
+    preview = body.files.get("previewfile")
+    preview_info = await _probe_upload(preview.path, "previewfile") if preview is not None else None
+    if preview_info is not None and preview_info.video is None:
+        raise BadRequest("previewfile is not an image")
+    edits, task_files = await _studio_request(body.fields, body.files, info)
+    video_uuid = str(uuidlib.uuid4())
+    try:
+        specs = build_job_graph(video_uuid, info, options)
+    except ValueError as exc:
+        raise BadRequest(f"Cannot transcode this file: {exc}") from exc
+    if edits.any:
+        # The graph above is made again from the edited file when the studio job completes.
+        specs = [studio_job(video_uuid, edits)]
+    video_id = await _store(
+        c, video_uuid, name, upload, info, preview, options, specs, edits=edits, task_files=task_files
+    )
+    log.info("video %s (%s) ingested with %d job(s)", video_uuid, name, len(specs))
+    return video_id, video_uuid
 
 
 async def _probe_upload(path: Path, field: str) -> MediaInfo:
@@ -702,29 +711,17 @@ def _is_uuid(value: str) -> bool:
 
 
 def _static(folder: str) -> Any:
-    kinds = STATIC_FOLDERS[folder]
-
     async def serve(request: Request) -> Response:
         c = coordinator_of(request)
         filename = str(request.path_params["filename"])
-        if folder == "web-videos":
-            match = _WEB_VIDEO_NAME.match(filename)
-            video_uuid = match.group(1) if match else ""
-        else:
-            video_uuid = str(request.path_params["video_uuid"])
-        if not (_is_uuid(video_uuid) and _STATIC_NAME.match(filename) and ".." not in filename):
-            raise NotFound("File not found")
-        video = await c.videos.by_uuid(video_uuid)
+        video_uuid = _static_video_uuid(folder, filename, request.path_params.get("video_uuid"))
+        video = await c.videos.by_uuid(video_uuid) if video_uuid else None
         if video is None:
             raise NotFound("File not found")
         if folder == "streaming-playlists/hls" and video.options.get("live"):
-            return live_file_response(c, video_uuid, filename, request)
-        file = next(
-            (f for f in await c.videos.files(video.id) if f.kind in kinds and f.name == filename), None
-        )
+            return live_file_response(c, video.uuid, filename, request)
+        file = await _recorded_file(c, video, folder, filename)
         if file is None:
-            raise NotFound("File not found")
-        if not file.path.startswith(video_prefix(video_uuid)):
             raise NotFound("File not found")
         response = await _output_response(c, file.path, request.headers.get("range"))
         response.headers["access-control-allow-origin"] = "*"
@@ -733,6 +730,48 @@ def _static(folder: str) -> Any:
         return response
 
     return serve
+
+
+def _static_video_uuid(folder: str, filename: str, from_path: object) -> str | None:
+    """The video a static URL names (in the web video's file name, else in the path), if well formed."""
+    if folder == "web-videos":
+        match = _WEB_VIDEO_NAME.match(filename)
+        video_uuid = match.group(1) if match else ""
+    else:
+        video_uuid = str(from_path)
+    if not (_is_uuid(video_uuid) and _STATIC_NAME.match(filename) and ".." not in filename):
+        return None
+    return video_uuid
+
+
+async def _recorded_file(c: Coordinator, video: Video, folder: str, filename: str) -> VideoFile | None:
+    """The file of `video` a static URL serves: recorded, of a kind that folder serves, in its folder."""
+    kinds = STATIC_FOLDERS[folder]
+    files = await c.videos.files(video.id)
+    file = next((f for f in files if f.kind in kinds and f.name == filename), None)
+    if file is None or not file.path.startswith(video_prefix(video.uuid)):
+        return None
+    return file
+
+
+async def published_file(c: Coordinator, url: str) -> VideoFile | None:
+    """The recorded file that the public URL `url` (`/static/...`, see `video_outputs`) serves; None when
+    it serves none (a live's HLS files are not recorded files)."""
+    path = urlsplit(url).path
+    for folder in STATIC_FOLDERS:
+        prefix = f"/static/{folder}/"
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix) :].split("/")
+        filename, from_path = (parts[0], None) if folder == "web-videos" else (parts[-1], parts[0])
+        if len(parts) != (1 if folder == "web-videos" else 2):
+            return None
+        video_uuid = _static_video_uuid(folder, filename, from_path)
+        video = await c.videos.by_uuid(video_uuid) if video_uuid else None
+        if video is None or video.options.get("live"):
+            return None
+        return await _recorded_file(c, video, folder, filename)
+    return None
 
 
 async def _output_response(c: Coordinator, key: str, range_header: str | None) -> Response:

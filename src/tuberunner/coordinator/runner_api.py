@@ -10,6 +10,7 @@ import uuid as uuidlib
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +23,7 @@ from tuberunner.coordinator.models import Job, JobResult
 from tuberunner.coordinator.problems import BadRequest, Conflict, Forbidden, NotFound, invalid_params
 from tuberunner.coordinator.runners import RunnerAuth
 from tuberunner.coordinator.storage import StorageError, result_key
+from tuberunner.coordinator.videos import VideoFile
 from tuberunner.protocol.errors import ErrorCode, Message
 from tuberunner.protocol.jobs import (
     FEATURES_HEADER,
@@ -107,14 +109,19 @@ async def _runner(c: Coordinator, token: str, request: Request) -> RunnerAuth:
 
 async def _job_of_runner(c: Coordinator, request: Request, body: Body, allowed: frozenset[JobState]) -> Job:
     """Spec §3.11: parameters, then this job with this token of this runner (404), then its state."""
-    job_uuid = _job_uuid(request)
-    runner_token, job_token = _check_strings(body.fields, "runnerToken", "jobToken")
+    return await _job_held(c, _job_uuid(request), body.fields, allowed, _client_ip(request))
+
+
+async def _job_held(
+    c: Coordinator, job_uuid: str, fields: Mapping[str, Any], allowed: frozenset[JobState], ip: str | None
+) -> Job:
+    runner_token, job_token = _check_strings(fields, "runnerToken", "jobToken")
     auth = await c.runners.by_token(runner_token)
     job = await c.jobs.job_of_runner(job_uuid, auth.runner.id if auth else None, job_token)
     if job.state not in allowed:
         raise BadRequest(Message.JOB_NOT_PROCESSING, code=ErrorCode.JOB_NOT_IN_PROCESSING_STATE)
     if auth is not None:
-        c.runners.touch(auth.runner.id, _client_ip(request))
+        c.runners.touch(auth.runner.id, ip)
     return job
 
 
@@ -257,7 +264,7 @@ async def _offer_direct_uploads(c: Coordinator, job: Job, job_json: dict[str, An
     if not isinstance(output, dict) or token is None:
         return
     for name in REQUIRED_SUCCESS_FILES[job.type]:
-        key = _direct_result_key(job.uuid, token, name)
+        key = direct_result_key(job.uuid, token, name)
         try:
             url = await c.storage.presigned_put(key, expires_s=c.config.presigned_put_s)
         except StorageError as exc:  # the runner then uploads through us, as the official runner does
@@ -268,7 +275,9 @@ async def _offer_direct_uploads(c: Coordinator, job: Job, job_json: dict[str, An
         output[f"{name}CustomUpload"] = {"url": url, "method": "PUT", "body": RAW_UPLOAD_BODY}
 
 
-def _direct_result_key(job_uuid: str, job_token: str, name: str) -> str:
+def direct_result_key(job_uuid: str, job_token: str, name: str) -> str:
+    """Where a result file of this accept (`job_token`) may be put instead of sent with `success` (a
+    presigned upload, or a runner of this process): `success` takes the file from there."""
     # One folder per accept (a job token), named by a digest: the token itself never appears in a URL.
     nonce = "direct-" + hashlib.sha256(job_token.encode()).hexdigest()[:16]
     return result_key(job_uuid, nonce, f"{name}{_RESULT_SUFFIX.get(name, '.bin')}")
@@ -389,7 +398,7 @@ async def _store_result(c: Coordinator, job: Job, body: Body) -> JobResult:
         if name in files_by_name:
             continue
         token = job.processing_job_token
-        key = _direct_result_key(job.uuid, token, name) if token else None
+        key = direct_result_key(job.uuid, token, name) if token else None
         if key is None or not await c.storage.exists(key):
             raise BadRequest(Message.PAYLOAD_INVALID)
         stored[name] = key
@@ -411,7 +420,33 @@ async def download(request: Request) -> Response:
     c = coordinator_of(request)
     async with _body(request) as body:
         job = await _job_of_runner(c, request, body, _PROCESSING)
-    ident = _video_ident(str(request.path_params["video_id"]))
+    filename = request.path_params.get("filename")
+    file = await _input_of(c, job, str(request.path_params["video_id"]), _kind_of(request.url.path), filename)
+    # With object storage: 302 to a presigned GET (the runner follows with a GET, Range kept), once the
+    # file is known to be there (else a 404 problem naming it, not the bucket's own answer).
+    await c.storage.stat(file.path)
+    url = await c.storage.presigned_get(file.path, expires_s=c.config.presigned_get_s)
+    if url is not None:
+        return redirect_response(url)
+    return await stored_file_response(c.storage, file.path, request.headers.get("range"))
+
+
+async def runner_input(c: Coordinator, url: str, runner_token: str, job_token: str) -> VideoFile:
+    """The stored file an input URL of a job (spec §3.9) serves to the runner holding it, after the very
+    checks of the download endpoint (a Problem otherwise): for a runner of this process, which reads it
+    where it lies instead of downloading it (the one-shot mode)."""
+    match = _INPUT_URL.match(unquote(urlsplit(url).path))
+    if match is None:
+        raise NotFound(Message.VIDEO_NOT_FOUND)
+    fields = {"runnerToken": runner_token, "jobToken": job_token}
+    job = await _job_held(c, match["job"], fields, _PROCESSING, "127.0.0.1")
+    path = match["path"]
+    return await _input_of(c, job, match["video"], _kind_of(path), _filename_of(path))
+
+
+async def _input_of(c: Coordinator, job: Job, video_id: str, which: str, filename: str | None) -> VideoFile:
+    """Spec §3.9's checks after the job's: the video, that it is the job's, the file asked for."""
+    ident = _video_ident(video_id)
     if ident is None:
         raise invalid_params(["videoId"])
     if isinstance(ident, int):
@@ -422,10 +457,8 @@ async def download(request: Request) -> Response:
         raise NotFound(Message.VIDEO_NOT_FOUND)
     if job.private_payload.get("videoUUID") != video.uuid:
         raise Forbidden(Message.JOB_NOT_OF_VIDEO)
-    which = _kind_of(request)
     if which == "task-file":
-        filename = request.path_params["filename"]
-        if not _TASK_FILENAME.match(filename):
+        if filename is None or not _TASK_FILENAME.match(filename):
             raise invalid_params(["filename"])
         task_urls = [
             str(task.get("options", {}).get("file", ""))
@@ -439,13 +472,7 @@ async def download(request: Request) -> Response:
         file = await c.videos.input_file(video.id, which)
     if file is None:
         raise NotFound(Message.VIDEO_NOT_FOUND)
-    # With object storage: 302 to a presigned GET (the runner follows with a GET, Range kept), once the
-    # file is known to be there (else a 404 problem naming it, not the bucket's own answer).
-    await c.storage.stat(file.path)
-    url = await c.storage.presigned_get(file.path, expires_s=c.config.presigned_get_s)
-    if url is not None:
-        return redirect_response(url)
-    return await stored_file_response(c.storage, file.path, request.headers.get("range"))
+    return file
 
 
 def _video_ident(value: str) -> int | str | None:
@@ -468,8 +495,7 @@ def _video_ident(value: str) -> int | str | None:
     return None
 
 
-def _kind_of(request: Request) -> str:
-    path = request.url.path
+def _kind_of(path: str) -> str:
     if path.endswith("/max-quality/audio"):
         return "audio"
     if path.endswith("/previews/max-quality"):
@@ -479,7 +505,18 @@ def _kind_of(request: Request) -> str:
     return "video"
 
 
+def _filename_of(path: str) -> str | None:
+    """The task file a `/studio/task-files/<name>` path names (None for the other inputs)."""
+    head, found, name = path.rpartition("/studio/task-files/")
+    return name if found and head else None
+
+
 _FILES = "/api/v1/runners/jobs/{job_uuid}/files/videos/{video_id}"
+# The same paths, for `runner_input`.
+_INPUT_URL = re.compile(
+    r"^/api/v1/runners/jobs/(?P<job>[^/]+)/files/videos/(?P<video>[^/]+)"
+    r"(?P<path>/max-quality|/max-quality/audio|/previews/max-quality|/studio/task-files/[^/]+)$"
+)
 
 routes = [
     Route("/api/v1/runners/register", register, methods=["POST"]),

@@ -95,7 +95,14 @@ async def check_ffmpeg(path: Path, *, timeout_s: float = 10.0) -> FfmpegCapabili
     Raises `FfmpegUnavailable` with the reason when the binary cannot run, does not answer within
     `timeout_s`, is older than `MINIMUM_RELEASE`, or lacks libx264 or an AAC encoder.
     """
-    version_text = await _run_for_output(path, ["-hide_banner", "-version"], timeout_s)
+    # Both questions at once (start-up waits for them); the answers are read in order, so a binary that
+    # cannot run or is too old is reported as such whatever `-encoders` said.
+    version_answer, encoders_answer = await asyncio.gather(
+        _run_for_output(path, ["-hide_banner", "-version"], timeout_s),
+        _run_for_output(path, ["-hide_banner", "-encoders"], timeout_s),
+        return_exceptions=True,
+    )
+    version_text = _answer(version_answer)
     first_line = version_text.strip().splitlines()[0] if version_text.strip() else ""
     if not first_line.startswith("ffmpeg version"):
         raise FfmpegUnavailable(f"{path} does not look like ffmpeg: -version printed {first_line[:80]!r}")
@@ -109,7 +116,7 @@ async def check_ffmpeg(path: Path, *, timeout_s: float = 10.0) -> FfmpegCapabili
             f"too) to one{_bundled_hint()}"
         )
 
-    encoders = parse_encoders(await _run_for_output(path, ["-hide_banner", "-encoders"], timeout_s))
+    encoders = parse_encoders(_answer(encoders_answer))
     if REQUIRED_VIDEO_ENCODER not in encoders:
         raise FfmpegUnavailable(
             f"ffmpeg at {path} has no {REQUIRED_VIDEO_ENCODER} encoder (needed for video)"
@@ -119,6 +126,12 @@ async def check_ffmpeg(path: Path, *, timeout_s: float = 10.0) -> FfmpegCapabili
     return FfmpegCapabilities(
         version=version, release=release, encoders=encoders, has_libfdk_aac="libfdk_aac" in encoders
     )
+
+
+def _answer(answer: str | BaseException) -> str:
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 def _dotted(release: tuple[int, int]) -> str:

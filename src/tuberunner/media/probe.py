@@ -1,10 +1,10 @@
 """Describe a media file: container, first video stream, first audio stream.
 
-The work happens in a subprocess (`probe_worker.py`, PyAV): a hostile file that crashes or hangs libavformat
-kills or stalls only that process, which is killed after `timeout_s`. Its JSON answer becomes the frozen
-dataclasses below. "First stream" follows ffprobe as PeerTube uses it (`streams.find(type)`), and the
-command builders map exactly those streams, so the decisions taken on this description apply to the streams
-that are really encoded.
+The work happens in a process of its own (`probe_worker.py`, PyAV, forked by the `probe_server` of this
+process, see `probe_client`): a hostile file that crashes or hangs libavformat kills or stalls only that
+process, which is killed after `timeout_s`. Its JSON answer becomes the frozen dataclasses below. "First
+stream" follows ffprobe as PeerTube uses it (`streams.find(type)`), and the command builders map exactly
+those streams, so the decisions taken on this description apply to the streams that are really encoded.
 
 A still image probes as a video stream with `duration_s == 0.0` (see `probe_worker`); a file that opens but
 is cut short keeps the duration its header announces, so truncation shows up later as an `FfmpegFailed`.
@@ -12,24 +12,17 @@ is cut short keeps the duration its header announces, so truncation shows up lat
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
-import site
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuberunner.media.errors import ProbeError
+from tuberunner.media.probe_client import WORKER_MODULE, WorkerTimeout, run_worker
 
-_WORKER_MODULE = "tuberunner.media.probe_worker"
-# The directory that holds the `tuberunner` package: the worker must import this very code, even when the
-# package is run from a source tree that only the parent put on its path.
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+_WORKER_MODULE = WORKER_MODULE
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,48 +126,20 @@ async def keyframe_spacing(path: Path, *, timeout_s: float = 120) -> KeyframeSpa
 
 
 async def _ask_worker(path: Path, options: list[str], timeout_s: float) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        _WORKER_MODULE,
-        *options,
-        os.fspath(path),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_worker_environment(),
-        start_new_session=True,
-    )
     try:
-        async with asyncio.timeout(timeout_s):
-            stdout, stderr = await process.communicate()
-    except TimeoutError as exc:
+        ran = await run_worker(_WORKER_MODULE, [*options, os.fspath(path)], timeout_s)
+    except WorkerTimeout as exc:
         raise ProbeError(
             f"probing {path.name} took longer than {timeout_s:g} s; the file is probably corrupt"
         ) from exc
-    finally:
-        # Also reached on cancellation: never leave the worker behind.
-        if process.returncode is None:
-            _kill_group(process.pid)
-            await process.wait()
-
     # An answer printed in full counts even if the worker then died while exiting (libav finalisers).
-    answer = _parse_answer(stdout)
+    answer = _parse_answer(ran.stdout)
     if answer is None:
-        reason = _exit_reason(process.returncode)
-        raise ProbeError(f"probing {path.name} failed ({reason}): {_last_line(stderr)}")
+        reason = _exit_reason(ran.returncode)
+        raise ProbeError(f"probing {path.name} failed ({reason}): {_last_line(ran.stderr)}")
     if not answer.get("ok"):
         raise ProbeError(f"{path.name}: {answer.get('error', 'unknown probe error')}")
     return answer
-
-
-def _worker_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    # A site-packages directory is on the child's path anyway, and putting it on PYTHONPATH would move it
-    # ahead of the standard library; a source tree is added so that `-m` finds the package.
-    if str(_PACKAGE_ROOT) not in {*site.getsitepackages(), site.getusersitepackages()}:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 def hls_codecs_string(info: MediaInfo) -> str:
@@ -275,11 +240,6 @@ def _optional_int(value: Any) -> int | None:
 
 def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _exit_reason(returncode: int | None) -> str:

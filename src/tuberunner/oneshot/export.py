@@ -7,6 +7,10 @@ OUT/
   <name>-<lang>.vtt        WebVTT caption in the detected (or asked) language (with --transcribe)
 (with --cut/--intro/--outro/--watermark, every output is of the edited video)
   summary.json             what was produced, durations, sizes, encode speed
+
+The coordinator's files are on this machine's disk: each output is hard-linked (else copied) from there
+when `local` finds it, and downloaded from its URL otherwise. Nothing is ever written into a linked
+file (the master playlist is rewritten as a new file), so the coordinator's copies never change.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import json
 import os
 import re
 import secrets
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,34 +47,54 @@ def _safe_name(text: str) -> str:
     return _SAFE.sub("-", text).strip("-.") or "video"
 
 
-async def _download(http: httpx.AsyncClient, url: str, dest: Path) -> Path:
-    """Stream to a temporary name, then rename: a half-written output is never visible."""
+# The stored file a URL serves, on this machine's disk (yields None when it has none: then it is fetched).
+LocalFiles = Callable[[str], AbstractAsyncContextManager[Path | None]]
+
+
+async def _download(http: httpx.AsyncClient, url: str, dest: Path, local: LocalFiles | None = None) -> Path:
+    """Write to a temporary name, then rename: a half-written output is never visible."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
-        async with http.stream("GET", url) as answer:
-            answer.raise_for_status()
-            with tmp.open("wb") as handle:
-                async for chunk in answer.aiter_bytes(1024 * 1024):
-                    handle.write(chunk)
+        if not await _linked(local, url, tmp):
+            async with http.stream("GET", url) as answer:
+                answer.raise_for_status()
+                with tmp.open("wb") as handle:
+                    async for chunk in answer.aiter_bytes(1024 * 1024):
+                        handle.write(chunk)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest
 
 
+async def _linked(local: LocalFiles | None, url: str, tmp: Path) -> bool:
+    if local is None:
+        return False
+    async with local(url) as path:
+        if path is None:
+            return False
+        try:
+            os.link(path, tmp)
+        except OSError:  # another file system, or links not allowed: a copy (in the kernel) instead
+            await asyncio.to_thread(shutil.copyfile, path, tmp)
+    return True
+
+
 def _basename(url: str) -> str:
     return urlsplit(url).path.rsplit("/", 1)[-1]
 
 
-async def export_outputs(http: httpx.AsyncClient, video: dict[str, Any], out: Path) -> ExportResult:
+async def export_outputs(
+    http: httpx.AsyncClient, video: dict[str, Any], out: Path, local: LocalFiles | None = None
+) -> ExportResult:
     result = ExportResult()
     outputs = video["outputs"]
     name = _safe_name(video.get("name") or video["uuid"])
 
     # Files are fetched and probed side by side: each probe is a child process that mostly starts up.
     async def web_video(item: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
-        dest = await _download(http, item["url"], out / f"{name}-{item['resolution']}p.mp4")
+        dest = await _download(http, item["url"], out / f"{name}-{item['resolution']}p.mp4", local)
         return [dest], await _describe(dest, out, resolution=item["resolution"], fps=item["fps"])
 
     web_videos = []
@@ -78,13 +105,13 @@ async def export_outputs(http: httpx.AsyncClient, video: dict[str, Any], out: Pa
     if outputs.get("hls") and outputs["hls"].get("masterPlaylistUrl"):
         folder = out / "hls"
         # Names are kept: the playlists refer to each other and to the fragmented MP4s by these names.
-        master = await _download(http, outputs["hls"]["masterPlaylistUrl"], folder / "master.m3u8")
+        master = await _download(http, outputs["hls"]["masterPlaylistUrl"], folder / "master.m3u8", local)
         result.files.append(master)
 
         async def rendition(item: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
-            files = [await _download(http, item["videoUrl"], folder / _basename(item["videoUrl"]))]
+            files = [await _download(http, item["videoUrl"], folder / _basename(item["videoUrl"]), local)]
             if playlist_url := item.get("playlistUrl"):
-                files.append(await _download(http, playlist_url, folder / _basename(playlist_url)))
+                files.append(await _download(http, playlist_url, folder / _basename(playlist_url), local))
             return files, await _describe(files[0], out, resolution=item["resolution"], fps=item["fps"])
 
         renditions = []
@@ -96,14 +123,14 @@ async def export_outputs(http: httpx.AsyncClient, video: dict[str, Any], out: Pa
     storyboards = []
     for index, item in enumerate(outputs.get("storyboards", [])):
         suffix = f"-{index + 1}" if index else ""
-        dest = await _download(http, item["url"], out / f"storyboard{suffix}.jpg")
+        dest = await _download(http, item["url"], out / f"storyboard{suffix}.jpg", local)
         result.files.append(dest)
         storyboards.append(
             {"file": dest.name, "sprites": item.get("sprites"), "sizeBytes": dest.stat().st_size}
         )
     captions = []
     for item in outputs.get("captions", []):
-        dest = await _download(http, item["url"], out / f"{name}-{item.get('language') or 'und'}.vtt")
+        dest = await _download(http, item["url"], out / f"{name}-{item.get('language') or 'und'}.vtt", local)
         result.files.append(dest)
         captions.append({"file": dest.name, "language": item.get("language")})
     result.summary = {
@@ -130,7 +157,13 @@ def _point_master_at_local_names(master: Path, hls: dict[str, Any]) -> None:
         for key in ("playlistUrl", "videoUrl"):
             if item.get(key):
                 text = text.replace(item[key], _basename(item[key]))
-    master.write_text(text)
+    # A new file, renamed over the old: `master` may be a link to the coordinator's own copy.
+    tmp = master.with_name(f".{master.name}.{secrets.token_hex(4)}.part")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, master)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 async def _describe(path: Path, out: Path, *, resolution: int, fps: int | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ same command run again finds the video it submitted and only does the jobs that 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,18 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from tuberunner.coordinator.bodies import local_body
 from tuberunner.coordinator.config import CoordinatorConfig
+from tuberunner.coordinator.context import Coordinator
 from tuberunner.coordinator.embedded import Embedded, embedded_coordinator
+from tuberunner.coordinator.ingest_api import ingest, published_file
+from tuberunner.coordinator.problems import Problem
 from tuberunner.coordinator.schema import runners as runners_table
+from tuberunner.coordinator.storage import StorageError
+from tuberunner.coordinator.storage.local import LocalStorage
 from tuberunner.media.errors import FfmpegUnavailable
-from tuberunner.oneshot.export import ExportResult, export_outputs
+from tuberunner.oneshot.disk import EmbeddedDisk
+from tuberunner.oneshot.export import ExportResult, LocalFiles, export_outputs
 from tuberunner.runner.config import InstanceConfig, RunnerConfig
 from tuberunner.runner.daemon import build_supervisor, encode_cache, processing_settings
 from tuberunner.runner.supervisor import Supervisor
@@ -34,7 +42,12 @@ from tuberunner.runner.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".tuberunner"
-_POLL_S = 0.5
+# The video is read again once job transitions pause for `_QUIET_S` (they come in bursts: a completion, the
+# jobs it frees, their accepts; the last one of all ends the run), and every `_PROGRESS_POLL_S` for the
+# progress of running jobs. A detailed read takes tens of ms of the event loop the runners and the
+# coordinator share: it is not made while they are busy passing jobs along.
+_PROGRESS_POLL_S = 1.0
+_QUIET_S = 0.05
 _FINAL_STATES = frozenset({"published", "failed", "cancelled"})
 
 
@@ -167,12 +180,18 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
             )
         )
         supervisors = await _start_runners(embedded, runner_config, settings, state_dir, options.runners)
+        changed = _job_changes(embedded)
+        if not gc.isenabled():
+            # The CLI started us without collections: what start-up made lives until the end, and is
+            # kept out of every later collection.
+            gc.freeze()
+            gc.enable()
         async with _running(supervisors):
-            video_uuid, resumed = await _submit_or_resume(http, options, state_dir)
-            video, done_before = await _follow(http, video_uuid, observe, stop)
+            video_uuid, resumed = await _submit_or_resume(http, embedded.coordinator, options, state_dir)
+            video, done_before = await _follow(http, video_uuid, observe, stop, changed)
         if video["state"] != "published" or _attachments(video, "failed", "cancelled"):
             raise TranscodeError(_failure_message(video))
-        export = await export_outputs(http, video, options.output)
+        export = await export_outputs(http, video, options.output, _stored_output(embedded.coordinator))
     return TranscodeResult(
         video=video,
         export=export,
@@ -180,6 +199,21 @@ async def transcode(options: TranscodeOptions, observe: Observer, stop: asyncio.
         elapsed_s=time.monotonic() - started,
         jobs_done_before=done_before,
     )
+
+
+def _stored_output(coordinator: Coordinator) -> LocalFiles:
+    """The embedded coordinator's own copy of the output a URL serves, when its storage is this disk."""
+
+    @asynccontextmanager
+    async def local(url: str) -> AsyncIterator[Path | None]:
+        file = await published_file(coordinator, url)
+        if file is None or not isinstance(coordinator.storage, LocalStorage):
+            yield None
+            return
+        async with coordinator.storage.local_file(file.path) as path:
+            yield path
+
+    return local
 
 
 def _with_transcription(config: RunnerConfig, model: str | None) -> RunnerConfig:
@@ -229,6 +263,7 @@ async def _start_runners(
                 work_dir=folder / "jobs",
                 inputs_dir=folder / "inputs",
                 encodes=encodes,
+                shared_disk=EmbeddedDisk(c, token),
             )
         )
     return supervisors
@@ -250,7 +285,7 @@ async def _running(supervisors: list[Supervisor]) -> AsyncIterator[None]:
 
 
 async def _submit_or_resume(
-    http: httpx.AsyncClient, options: TranscodeOptions, state_dir: Path
+    http: httpx.AsyncClient, coordinator: Coordinator, options: TranscodeOptions, state_dir: Path
 ) -> tuple[str, bool]:
     record = state_dir / "submissions.json"
     known: dict[str, str] = json.loads(record.read_text()) if record.exists() else {}
@@ -275,21 +310,17 @@ async def _submit_or_resume(
             fields["cutStart"] = f"{start:g}"
         if end is not None:
             fields["cutEnd"] = f"{end:g}"
-    with ExitStack() as opened:
-        parts = {"videofile": (options.input.name, opened.enter_context(options.input.open("rb")))}
-        for upload_field, path in options.studio_files().items():
-            parts[upload_field] = (path.name, opened.enter_context(path.open("rb")))
-        answer = await http.post(
-            "/api/v1/videos",
-            data=fields,
-            files={
-                name: (filename, handle, "application/octet-stream")
-                for name, (filename, handle) in parts.items()
-            },
-        )
-    if answer.status_code != 200:
-        raise TranscodeError(_problem(answer, f"cannot take {options.input}"))
-    video_uuid = str(answer.json()["video"]["uuid"])
+    files = {"videofile": options.input, **options.studio_files()}
+    # The coordinator shares this disk: the files are linked into its uploads, not sent over HTTP.
+    try:
+        async with local_body(
+            coordinator.uploads_dir, fields, files, max_upload_bytes=coordinator.config.max_upload_bytes
+        ) as body:
+            _, video_uuid = await ingest(coordinator, body)
+    except Problem as exc:
+        raise TranscodeError(f"cannot take {options.input}: {exc.detail}") from exc
+    except (StorageError, OSError) as exc:
+        raise TranscodeError(f"cannot take {options.input}: {exc}") from exc
     known[key] = video_uuid
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(known, indent=2))
@@ -297,11 +328,33 @@ async def _submit_or_resume(
     return video_uuid, False
 
 
+def _job_changes(embedded: Embedded) -> asyncio.Event:
+    """An event set on every committed job transition of the embedded coordinator."""
+    event = asyncio.Event()
+    jobs = embedded.coordinator.jobs
+    chained = jobs.on_change
+
+    def changed() -> None:
+        event.set()
+        if chained is not None:
+            chained()
+
+    jobs.on_change = changed
+    return event
+
+
 async def _follow(
-    http: httpx.AsyncClient, video_uuid: str, observe: Observer, stop: asyncio.Event
+    http: httpx.AsyncClient,
+    video_uuid: str,
+    observe: Observer,
+    stop: asyncio.Event,
+    changed: asyncio.Event,
 ) -> tuple[dict[str, Any], int]:
     done_before: int | None = None
+    loop = asyncio.get_running_loop()
     while True:
+        read_at = loop.time()
+        changed.clear()
         answer = await http.get(f"/api/v1/videos/{video_uuid}", params={"details": "true"})
         if answer.status_code != 200:
             raise TranscodeError(_problem(answer, "the coordinator lost the video"))
@@ -313,11 +366,30 @@ async def _follow(
         if video["state"] in _FINAL_STATES and not _attachments(video, "pending"):
             return video, done_before
         _check_runnable(video)
+        if await _stopped_before_next_read(stop, changed, read_at):
+            raise TranscodeError("interrupted; run the same command again to resume", exit_code=130)
+
+
+async def _stopped_before_next_read(stop: asyncio.Event, changed: asyncio.Event, read_at: float) -> bool:
+    """Wait until the video is worth reading again (see `_QUIET_S`); True when `stop` is set meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = read_at + _PROGRESS_POLL_S
+    quiet_until: float | None = None
+    while not stop.is_set():
+        now = loop.time()
+        if changed.is_set():
+            changed.clear()
+            quiet_until = now + _QUIET_S
+        until = deadline if quiet_until is None else min(deadline, quiet_until)
+        if now >= until:
+            return False
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
         try:
-            await asyncio.wait_for(stop.wait(), _POLL_S)
-        except TimeoutError:
-            continue
-        raise TranscodeError("interrupted; run the same command again to resume", exit_code=130)
+            await asyncio.wait(waiters, timeout=until - now, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+    return True
 
 
 def _attachments(video: dict[str, Any], *states: str) -> list[dict[str, Any]]:

@@ -49,6 +49,7 @@ from tuberunner.runner.errors import (
 )
 from tuberunner.runner.job import AcceptedJob, JobOutput, LiveChunkUpdate
 from tuberunner.runner.retry import Deadlines
+from tuberunner.runner.shared_disk import SharedDisk
 from tuberunner.runner.transfers import result_content_type
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,11 @@ class InstanceClient:
         success_timeout_s: float = 300.0,
         transport: httpx.AsyncBaseTransport | None = None,
         user_agent: str = "tuberunner",
+        shared_disk: SharedDisk | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # Results go there rather than in the `success` body when the coordinator takes them (one-shot).
+        self.shared_disk = shared_disk
         self.runner_token = runner_token
         self.deadlines = deadlines or Deadlines()
         self.call_timeout_s = call_timeout_s
@@ -477,10 +481,13 @@ class InstanceClient:
 
     async def success(self, job: AcceptedJob, output: JobOutput) -> None:
         """Upload each file that has a custom upload target there first (8.x), then `POST /success`
-        with the other files as `payload[<field>]` parts and the text fields."""
+        with the other files as `payload[<field>]` parts and the text fields. On a shared disk, the files
+        the coordinator takes from it are not sent at all."""
         targets = _custom_upload_targets(job.payload)
         files: list[_FilePart] = []
         for field_name, path in output.files.items():
+            if self.shared_disk is not None and await self.shared_disk.put_result(job, field_name, path):
+                continue
             part = file_part(f"payload[{field_name}]", path, field_name)
             target = targets.get(field_name)
             if target is None:
@@ -539,7 +546,9 @@ class InstanceClient:
                 yield response
 
 
-def client_for(url: str, runner_token: str, config: RunnerConfig) -> InstanceClient:
+def client_for(
+    url: str, runner_token: str, config: RunnerConfig, *, shared_disk: SharedDisk | None = None
+) -> InstanceClient:
     """A client with the deadlines of `config`."""
     from tuberunner import __version__
 
@@ -550,6 +559,7 @@ def client_for(url: str, runner_token: str, config: RunnerConfig) -> InstanceCli
         call_timeout_s=config.call_timeout_s,
         success_timeout_s=config.success_timeout_s,
         user_agent=f"tuberunner/{__version__}",
+        shared_disk=shared_disk,
     )
 
 

@@ -25,6 +25,7 @@ from tuberunner.media.errors import FfmpegUnavailable
 from tuberunner.ops.http import RunnerEndpoint
 from tuberunner.ops.metrics import RunnerMetrics
 from tuberunner.ops.sd_notify import SystemdNotifier
+from tuberunner.runner.client import client_for
 from tuberunner.runner.config import (
     ConfigError,
     ConfigFile,
@@ -36,6 +37,7 @@ from tuberunner.runner.encode_cache import EncodeCache
 from tuberunner.runner.input_cache import InputCache
 from tuberunner.runner.job import AcceptedJob, InputFetcher, ProcessingSettings
 from tuberunner.runner.paths import RunnerPaths, official_config_file, runner_paths
+from tuberunner.runner.shared_disk import SharedDisk
 from tuberunner.runner.state import AlreadyRunning, PidLock
 from tuberunner.runner.supervisor import InputsFactory, JobClients, Supervisor, direct_inputs
 from tuberunner.runner.transfers import DownloadLimits
@@ -108,7 +110,11 @@ def _load(config_file: ConfigFile, paths: RunnerPaths, options: DaemonOptions) -
 
 
 def _inputs(
-    config: RunnerConfig, inputs_dir: Path, clients: JobClients, metrics: RunnerMetrics
+    config: RunnerConfig,
+    inputs_dir: Path,
+    clients: JobClients,
+    metrics: RunnerMetrics,
+    shared_disk: SharedDisk | None,
 ) -> tuple[InputsFactory, InputCache | None]:
     limits = DownloadLimits(deadlines=config.deadlines())
     limits = replace(limits, retry=replace(limits.retry, observer=metrics))
@@ -120,6 +126,7 @@ def _inputs(
         max_bytes=config.input_cache_max_bytes,
         max_idle_s=config.input_cache_max_idle_s,
         limits=limits,
+        shared_disk=shared_disk,
     )
 
     def factory(job: AcceptedJob, work_dir: Path) -> AbstractAsyncContextManager[InputFetcher]:
@@ -168,10 +175,12 @@ def build_supervisor(
     flag_instance: Callable[[InstanceConfig], None] | None = None,
     systemd: SystemdNotifier | None = None,
     encodes: EncodeCache | None = None,
+    shared_disk: SharedDisk | None = None,
 ) -> Supervisor:
     """The one way to put a runner together (the daemon and the one-shot mode); ValueError when the
     enabled job types cannot be served. `encodes` shares kept encodes between runners of one process
-    (the one-shot mode); by default the runner keeps its own in `inputs_dir`."""
+    (the one-shot mode); by default the runner keeps its own in `inputs_dir`. `shared_disk`: inputs and
+    results cross by links with a coordinator of this process (the one-shot mode)."""
     from tuberunner.runner.processors import runner_processors
 
     # ffmpeg runs in each job's folder: a relative path to an input (a relative `--output` of the
@@ -182,7 +191,7 @@ def build_supervisor(
     processors = runner_processors(config)
     clients = JobClients()
     metrics = RunnerMetrics()
-    inputs, input_cache = _inputs(config, inputs_dir, clients, metrics)
+    inputs, input_cache = _inputs(config, inputs_dir, clients, metrics, shared_disk)
     if encodes is None:
         encodes = encode_cache(config, inputs_dir)
     kept = encodes
@@ -210,6 +219,9 @@ def build_supervisor(
         systemd=systemd,
         encodes=encodes,
         holds_video=holds_video,
+        client_factory=lambda instance, current: client_for(
+            instance.url, instance.runner_token, current, shared_disk=shared_disk
+        ),
     )
 
 

@@ -28,6 +28,11 @@ downloading job is cancelled or fails (its job gone, its retries exhausted), the
 waiting job, which resumes from the bytes already on disk with its own credentials: a cancelled job loses
 nothing for the others. No task is started on anyone's behalf.
 
+Shared disk. A runner that runs beside its coordinator (`shared_disk`, the one-shot mode) takes an input
+by a hard link to the coordinator's file when the coordinator hands it over, instead of downloading it; its
+version is then that file's identity (inode, size, modification time), checked again the same way before
+a reuse. Anything not handed over is downloaded as above.
+
 References and eviction. A job holds a reference on each entry it asked for, from the moment it starts
 waiting until its `inputs_for(job)` block ends (the supervisor scopes that to the job). Referenced entries
 are never deleted. Unreferenced ones are deleted least recently used first while the cache holds more than
@@ -50,6 +55,7 @@ from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
 from tuberunner.runner.job import AcceptedJob
+from tuberunner.runner.shared_disk import SharedDisk, link_or_copy
 from tuberunner.runner.transfers import (
     DownloadLimits,
     InputSource,
@@ -96,6 +102,7 @@ def _describe(entry: _Entry, url: str) -> str:
 @dataclass
 class CacheStats:
     downloads: int = 0  # files downloaded completely
+    linked: int = 0  # files taken from a shared disk instead
     hits: int = 0  # fetches served from an entry without downloading
     checks: int = 0  # version checks made before a reuse
     stale: int = 0  # entries retired because the server serves another version
@@ -116,6 +123,7 @@ class _Entry:
         self.size_bytes = 0
         self.last_used = 0.0  # set when complete, from the cache's clock
         self.retired = key is None
+        self.linked = False  # taken from the shared disk (its version is the file's identity)
         # Holders known to read the current version (they downloaded or checked it).
         self.checked_by: set[JobInputs] = set()
 
@@ -174,8 +182,10 @@ class InputCache:
         max_idle_s: float = 3600.0,
         limits: DownloadLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared_disk: SharedDisk | None = None,
     ) -> None:
         self.source = source
+        self.shared_disk = shared_disk
         self.folder = folder
         self.max_bytes = max_bytes
         self.max_idle_s = max_idle_s
@@ -253,6 +263,13 @@ class InputCache:
         return entry
 
     async def _still_served(self, entry: _Entry, job: AcceptedJob, url: str) -> bool:
+        if entry.linked:
+            source = await self.shared_disk.input_file(url, job) if self.shared_disk else None
+            self.stats.checks += 1
+            try:
+                return source is not None and _identity(source) == entry.version
+            except OSError:  # replaced or removed meanwhile
+                return False
         if not entry.version.comparable or entry.size_bytes <= 0:
             return False
         self.stats.checks += 1
@@ -262,6 +279,12 @@ class InputCache:
         return served is not None and served == entry.version
 
     async def _download(self, entry: _Entry, holder: JobInputs, url: str) -> Path:
+        source = await self.shared_disk.input_file(url, holder.job) if self.shared_disk else None
+        if source is not None:
+            try:
+                return await self._link(entry, holder, source)
+            except OSError as exc:  # replaced or removed meanwhile, say: the server knows what is current
+                log.info("%s not taken from the shared disk (%s); downloading it", _describe(entry, url), exc)
         before = entry.transfer.bytes_fetched
         try:
             downloaded = await entry.transfer.run(self.source, holder.job, url, self.limits)
@@ -275,6 +298,20 @@ class InputCache:
         self.stats.downloads += 1
         self._evict()
         return downloaded.path
+
+    async def _link(self, entry: _Entry, holder: JobInputs, source: Path) -> Path:
+        path = entry.transfer.stem.with_name(entry.transfer.stem.name + source.suffix)
+        await link_or_copy(source, path)
+        entry.path = path
+        entry.linked = True
+        # The identity of what we hold (a copy has its own: it is then taken again on the next reuse).
+        entry.version = _identity(path)
+        entry.size_bytes = path.stat().st_size
+        entry.last_used = self.clock()
+        entry.checked_by.add(holder)
+        self.stats.linked += 1
+        self._evict()
+        return path
 
     # ------------------------------------------------------------------ lifetimes
 
@@ -312,3 +349,10 @@ class InputCache:
             self.stats.evictions += 1
             entry.retired = True
             self._forget_if_unused(entry)
+
+
+def _identity(path: Path) -> InputVersion:
+    """A file's version on the shared disk: the coordinator never rewrites a file, it renames a new one
+    over it, so (inode, size, modification time) changes whenever the content does."""
+    stat = path.stat()
+    return InputVersion(size_bytes=stat.st_size, etag=f"inode {stat.st_ino}-{stat.st_mtime_ns}")
